@@ -1,0 +1,144 @@
+"""`TransformerConfig`: one typed, validated dataclass for every architecture variant.
+
+Each field's default means "off" or "BERT". Presets reproduce the published families
+(BERT, ALBERT, ELECTRA, GPT-2) so that their parameter counts match Hugging Face's models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+NormPosition = Literal["post", "pre"]
+PositionEmbedding = Literal["learned", "sinusoidal", "rotary"]
+Activation = Literal["gelu", "gelu_tanh", "relu"]
+Sharing = Literal["none", "all", "attention", "ffn"]
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768  # H: width of every Transformer layer
+    num_layers: int = 12  # depth; with sharing, the number of times the shared layers run
+    num_heads: int = 12
+    intermediate_size: int | None = None  # FFN width; None means 4 * hidden_size
+    embedding_size: int | None = None  # E; E < H is ALBERT's factorized embedding (V x E + E x H); None means H
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2  # segment (token type) embeddings; 0 means none (GPT-2)
+    position_embedding: PositionEmbedding = "learned"  # learned (BERT/GPT), sinusoidal (Vaswani et al.), rotary
+    rotary_base: float = 10000.0  # theta of rotary embeddings; used only when position_embedding == "rotary"
+    norm_position: NormPosition = "post"  # post-LN (BERT) or pre-LN (GPT-2); pre-LN adds a final LayerNorm
+    causal: bool = False  # decoder (GPT) when True, bidirectional encoder otherwise
+    activation: Activation = "gelu"  # gelu (exact, BERT/ELECTRA), gelu_tanh (GPT-2/ALBERT's gelu_new), relu
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1  # on embeddings and on each residual branch
+    attention_dropout: float = 0.1  # on the attention probabilities
+    sharing: Sharing = "none"  # cross-layer parameter sharing (ALBERT): none, all, attention-only, ffn-only
+    num_shared_groups: int = 1  # with sharing: the layers are split into this many groups, one set of weights each
+    initializer_range: float = 0.02  # std of the normal initialisation
+    scaled_residual_init: bool = False  # GPT-2: residual output projections get std / sqrt(2 * num_layers)
+
+    def __post_init__(self) -> None:
+        for name, choices in (
+            ("position_embedding", PositionEmbedding),
+            ("norm_position", NormPosition),
+            ("activation", Activation),
+            ("sharing", Sharing),
+        ):
+            value = getattr(self, name)
+            if value not in get_args(choices):
+                raise ValueError(f"{name}={value!r} is not one of {list(get_args(choices))}")
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        if self.embedding_size is None:
+            self.embedding_size = self.hidden_size
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "embedding_size", "max_position_embeddings", "num_shared_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.type_vocab_size < 0:
+            raise ValueError(
+                f"type_vocab_size must be >= 0 (0 means no segment embeddings), got {self.type_vocab_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.position_embedding == "rotary" and self.head_size % 2:
+            raise ValueError(f"rotary positions need an even head size, got hidden_size / num_heads = {self.head_size}")
+        if self.position_embedding == "sinusoidal" and self.embedding_size % 2:
+            raise ValueError(f"sinusoidal positions need an even embedding_size, got {self.embedding_size}")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.sharing == "none" and self.num_shared_groups != 1:
+            raise ValueError(
+                f"num_shared_groups={self.num_shared_groups} needs cross-layer sharing: set sharing to "
+                "'all', 'attention' or 'ffn', or leave num_shared_groups at 1"
+            )
+        if self.num_layers % self.num_shared_groups:
+            raise ValueError(
+                f"num_layers ({self.num_layers}) must be divisible by num_shared_groups ({self.num_shared_groups})"
+            )
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def layer_groups(self, shared: bool) -> list[int]:
+        """For each of the `num_layers` positions, the index of the weights it runs (ALBERT's grouping)."""
+        if not shared:
+            return list(range(self.num_layers))
+        return [i * self.num_shared_groups // self.num_layers for i in range(self.num_layers)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TransformerConfig:
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown TransformerConfig fields: {unknown}")
+        return cls(**values)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> TransformerConfig:
+        """A published architecture by name (see `PRESETS`), with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+_BERT = dict(vocab_size=30522, max_position_embeddings=512, type_vocab_size=2)
+_ALBERT = dict(
+    vocab_size=30000, embedding_size=128, sharing="all", activation="gelu_tanh", dropout=0.0, attention_dropout=0.0,
+)
+_GPT2 = dict(
+    vocab_size=50257, max_position_embeddings=1024, type_vocab_size=0, norm_position="pre", causal=True,
+    activation="gelu_tanh", layer_norm_eps=1e-5, scaled_residual_init=True,
+)
+_TINY = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_position_embeddings=128)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "bert-base": dict(_BERT, hidden_size=768, num_layers=12, num_heads=12),
+    "bert-large": dict(_BERT, hidden_size=1024, num_layers=24, num_heads=16),
+    "albert-base": dict(_ALBERT, hidden_size=768, num_layers=12, num_heads=12),
+    "albert-large": dict(_ALBERT, hidden_size=1024, num_layers=24, num_heads=16),
+    "albert-xlarge": dict(_ALBERT, hidden_size=2048, num_layers=24, num_heads=16),
+    "albert-xxlarge": dict(_ALBERT, hidden_size=4096, num_layers=12, num_heads=64),
+    "electra-small": dict(_BERT, embedding_size=128, hidden_size=256, num_layers=12, num_heads=4),
+    # Generators at the sizes the ELECTRA paper recommends (1/4 of small, 1/3 of base in width, FFN and heads);
+    # Google's released small generator checkpoint is full-size instead.
+    "electra-small-generator": dict(_BERT, embedding_size=128, hidden_size=64, num_layers=12, num_heads=1),
+    "electra-base": dict(_BERT, hidden_size=768, num_layers=12, num_heads=12),
+    "electra-base-generator": dict(_BERT, embedding_size=768, hidden_size=256, num_layers=12, num_heads=4),
+    "gpt2-small": dict(_GPT2, hidden_size=768, num_layers=12, num_heads=12),
+    "gpt2-medium": dict(_GPT2, hidden_size=1024, num_layers=24, num_heads=16),
+    "bert-tiny": dict(_BERT, **_TINY, vocab_size=1000),
+    "albert-tiny": dict(_ALBERT, **_TINY, vocab_size=1000, embedding_size=32),
+    "electra-tiny": dict(_BERT, **_TINY, vocab_size=1000, embedding_size=32),
+    "electra-tiny-generator": dict(_BERT, **dict(_TINY, hidden_size=32, intermediate_size=64), vocab_size=1000,
+                                   embedding_size=32),
+    "gpt2-tiny": dict(_GPT2, **_TINY, vocab_size=1000),
+}

@@ -1,0 +1,347 @@
+"""Weight interop with Hugging Face transformers for the four families: BERT, ALBERT, ELECTRA and GPT-2.
+
+`from_hf(hf_model)` returns our `Transformer` (base models) or a `ModelWithHeads` (pretraining models);
+`to_hf(model)` is the inverse. Both go through one table per family that lists, for each of our parameters,
+the Hugging Face parameters it is made of and how ("copy", "cat" for fused QKV, "t" for GPT-2's Conv1D).
+`transformers` is imported only when one of these functions is called.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.config import TransformerConfig
+from models.heads import ClassificationHead, LMHead, ModelWithHeads, TokenScorer
+from models.transformer import Transformer
+
+# Hugging Face class -> (family, our head names). The families' base-model prefixes are in PREFIX.
+HF_CLASSES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "BertModel": ("bert", ()),
+    "BertForPreTraining": ("bert", ("mlm", "nsp")),
+    "BertForMaskedLM": ("bert", ("mlm",)),
+    "AlbertModel": ("albert", ()),
+    "AlbertForPreTraining": ("albert", ("mlm", "sop")),
+    "AlbertForMaskedLM": ("albert", ("mlm",)),
+    "ElectraModel": ("electra", ()),
+    "ElectraForPreTraining": ("electra", ("rtd",)),
+    "ElectraForMaskedLM": ("electra", ("mlm",)),
+    "GPT2Model": ("gpt2", ()),
+    "GPT2LMHeadModel": ("gpt2", ("clm",)),
+}
+PREFIX = {"bert": "bert", "albert": "albert", "electra": "electra", "gpt2": "transformer"}
+
+# Hugging Face keys that hold no weights of their own: buffers, and output matrices tied to the input embeddings.
+IGNORED_SUFFIXES = (
+    "embeddings.position_ids", "embeddings.token_type_ids", "attn.bias", "attn.masked_bias",
+    "predictions.decoder.weight", "predictions.decoder.bias", "generator_lm_head.weight", "lm_head.weight",
+)
+
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+TO_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+
+# Config fields that must have these values for a family to hold the model (the rest map one to one).
+REQUIREMENTS: dict[str, dict[str, Any]] = {
+    "bert": dict(norm_position="post", position_embedding="learned", causal=False, sharing="none"),
+    "electra": dict(norm_position="post", position_embedding="learned", causal=False, sharing="none"),
+    "albert": dict(norm_position="post", position_embedding="learned", causal=False),
+    "gpt2": dict(norm_position="pre", position_embedding="learned", causal=True, sharing="none", type_vocab_size=0),
+}
+
+Entry = tuple[str, tuple[str, ...], str]  # (our key, Hugging Face keys, how: "copy" | "cat" | "t")
+
+
+def _linear(ours: str, theirs: str, how: str = "copy") -> list[Entry]:
+    """Weight and bias of a Linear or LayerNorm (GPT-2's Conv1D weights are transposed: how="t")."""
+    return [(f"{ours}.weight", (f"{theirs}.weight",), how), (f"{ours}.bias", (f"{theirs}.bias",), "copy")]
+
+
+def _qkv(ours: str, theirs: str) -> list[Entry]:
+    """Our fused QKV projection from separate query, key and value Linears."""
+    return [
+        (f"{ours}.qkv.{p}", tuple(f"{theirs}.{name}.{p}" for name in ("query", "key", "value")), "cat")
+        for p in ("weight", "bias")
+    ]
+
+
+def _backbone_entries(family: str, config: TransformerConfig) -> list[Entry]:
+    """Entries for the backbone, with Hugging Face keys relative to the base model."""
+    if family == "gpt2":
+        entries = [("embeddings.word.weight", ("wte.weight",), "copy"),
+                   ("embeddings.position.weight", ("wpe.weight",), "copy"), *_linear("final_norm", "ln_f")]
+        for i in range(config.num_layers):
+            entries += [*_linear(f"attention_layers.{i}.norm", f"h.{i}.ln_1"),
+                        *_linear(f"attention_layers.{i}.qkv", f"h.{i}.attn.c_attn", "t"),
+                        *_linear(f"attention_layers.{i}.out", f"h.{i}.attn.c_proj", "t"),
+                        *_linear(f"ffn_layers.{i}.norm", f"h.{i}.ln_2"),
+                        *_linear(f"ffn_layers.{i}.up", f"h.{i}.mlp.c_fc", "t"),
+                        *_linear(f"ffn_layers.{i}.down", f"h.{i}.mlp.c_proj", "t")]
+        return entries
+    entries = [("embeddings.word.weight", ("embeddings.word_embeddings.weight",), "copy"),
+               ("embeddings.position.weight", ("embeddings.position_embeddings.weight",), "copy"),
+               ("embeddings.token_type.weight", ("embeddings.token_type_embeddings.weight",), "copy"),
+               *_linear("embeddings.norm", "embeddings.LayerNorm")]
+    if family == "albert":
+        entries += _linear("embeddings.projection", "encoder.embedding_hidden_mapping_in")
+        num_groups = config.num_shared_groups if config.sharing == "all" else config.num_layers
+        for g in range(num_groups):
+            layer = f"encoder.albert_layer_groups.{g}.albert_layers.0"
+            entries += [*_qkv(f"attention_layers.{g}", f"{layer}.attention"),
+                        *_linear(f"attention_layers.{g}.out", f"{layer}.attention.dense"),
+                        *_linear(f"attention_layers.{g}.norm", f"{layer}.attention.LayerNorm"),
+                        *_linear(f"ffn_layers.{g}.up", f"{layer}.ffn"),
+                        *_linear(f"ffn_layers.{g}.down", f"{layer}.ffn_output"),
+                        *_linear(f"ffn_layers.{g}.norm", f"{layer}.full_layer_layer_norm")]
+        return entries
+    if config.embedding_size != config.hidden_size:  # ELECTRA's projection exists only then
+        entries += _linear("embeddings.projection", "embeddings_project")
+    for i in range(config.num_layers):
+        layer = f"encoder.layer.{i}"
+        entries += [*_qkv(f"attention_layers.{i}", f"{layer}.attention.self"),
+                    *_linear(f"attention_layers.{i}.out", f"{layer}.attention.output.dense"),
+                    *_linear(f"attention_layers.{i}.norm", f"{layer}.attention.output.LayerNorm"),
+                    *_linear(f"ffn_layers.{i}.up", f"{layer}.intermediate.dense"),
+                    *_linear(f"ffn_layers.{i}.down", f"{layer}.output.dense"),
+                    *_linear(f"ffn_layers.{i}.norm", f"{layer}.output.LayerNorm")]
+    return entries
+
+
+# Each head's entries, by (family, head); our keys relative to the head, Hugging Face keys relative to the
+# pretraining model, except pooler keys, which sit in the base model (its prefix removed).
+HEAD_ENTRIES: dict[tuple[str, str], list[Entry]] = {
+    ("bert", "mlm"): [*_linear("transform.0", "cls.predictions.transform.dense"),
+                      *_linear("transform.2", "cls.predictions.transform.LayerNorm"),
+                      ("bias", ("cls.predictions.bias",), "copy")],
+    ("bert", "nsp"): [*_linear("pooler.dense", "pooler.dense"), *_linear("classifier", "cls.seq_relationship")],
+    ("albert", "mlm"): [*_linear("transform.0", "predictions.dense"), *_linear("transform.2", "predictions.LayerNorm"),
+                        ("bias", ("predictions.bias",), "copy")],
+    ("albert", "sop"): [*_linear("pooler.dense", "pooler"), *_linear("classifier", "sop_classifier.classifier")],
+    ("electra", "rtd"): [*_linear("dense", "discriminator_predictions.dense"),
+                         *_linear("out", "discriminator_predictions.dense_prediction")],
+    ("electra", "mlm"): [*_linear("transform.0", "generator_predictions.dense"),
+                         *_linear("transform.2", "generator_predictions.LayerNorm"),
+                         ("bias", ("generator_lm_head.bias",), "copy")],
+    ("gpt2", "clm"): [],  # GPT-2's output layer is the (tied) input embedding matrix, nothing else
+}
+
+
+def _make_head(family: str, name: str, config: TransformerConfig, backbone: Transformer) -> nn.Module:
+    if name == "mlm":  # ELECTRA's generator head hard-codes exact GELU whatever hidden_act says
+        return LMHead(config, backbone.embeddings.word, activation="gelu" if family == "electra" else None)
+    if name == "clm":
+        return LMHead(config, backbone.embeddings.word, transform=False, bias=False)
+    if name == "rtd":
+        return TokenScorer(config)
+    return ClassificationHead(config, num_labels=2)
+
+
+def config_from_hf(hf_config: Any) -> tuple[str, TransformerConfig]:
+    """The family and our `TransformerConfig` for a Hugging Face config of one of the four families."""
+    family = hf_config.model_type
+    if family not in PREFIX:
+        raise ValueError(f"model_type {family!r} is not supported; supported: {sorted(PREFIX)}")
+    if family == "gpt2":
+        c = hf_config
+        for field, value in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                             ("add_cross_attention", False)):
+            if getattr(c, field, value) != value:
+                raise ValueError(f"GPT-2 config field {field}={getattr(c, field)} has no equivalent here")
+        return family, TransformerConfig(
+            vocab_size=c.vocab_size, hidden_size=c.n_embd, num_layers=c.n_layer, num_heads=c.n_head,
+            intermediate_size=c.n_inner or 4 * c.n_embd, max_position_embeddings=c.n_positions,
+            type_vocab_size=0, norm_position="pre", causal=True, activation=_activation(c.activation_function),
+            layer_norm_eps=c.layer_norm_epsilon, dropout=c.resid_pdrop, attention_dropout=c.attn_pdrop,
+            initializer_range=c.initializer_range, scaled_residual_init=True,
+        )
+    c = hf_config
+    if getattr(c, "position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"position_embedding_type={c.position_embedding_type!r} has no equivalent here")
+    if family == "albert" and c.inner_group_num != 1:
+        raise ValueError(f"ALBERT inner_group_num={c.inner_group_num} has no equivalent here (only 1)")
+    if family == "albert" and c.embedding_size == c.hidden_size:
+        raise ValueError("ALBERT with embedding_size == hidden_size keeps a projection we do not have; "
+                         "field embedding_size has no equivalent")
+    extra = {} if family == "bert" else dict(embedding_size=c.embedding_size)
+    if family == "albert":
+        extra.update(sharing="all", num_shared_groups=c.num_hidden_groups)
+    return family, TransformerConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
+        max_position_embeddings=c.max_position_embeddings, type_vocab_size=c.type_vocab_size,
+        activation=_activation(c.hidden_act), layer_norm_eps=c.layer_norm_eps, dropout=c.hidden_dropout_prob,
+        attention_dropout=c.attention_probs_dropout_prob, initializer_range=c.initializer_range, **extra,
+    )
+
+
+def _activation(name: Any) -> str:
+    if name not in HF_ACTIVATIONS:
+        raise ValueError(f"activation {name!r} has no equivalent here; supported: {sorted(HF_ACTIVATIONS)}")
+    return HF_ACTIVATIONS[name]
+
+
+def _normalise_keys(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """Strip the base-model prefix; rename the old TF-style LayerNorm `gamma`/`beta` of published checkpoints."""
+    normalised = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix(f"{prefix}.")
+        if key.endswith(".gamma") or key.endswith(".beta"):
+            key = key.rsplit(".", 1)[0] + (".weight" if key.endswith(".gamma") else ".bias")
+        normalised[key] = value
+    return normalised
+
+
+def from_hf_state_dict(
+    state_dict: dict[str, Tensor], hf_config: Any, heads: tuple[str, ...] = ()
+) -> Transformer | ModelWithHeads:
+    """Our model from a Hugging Face state dict and config: a `Transformer`, or a `ModelWithHeads` with `heads`."""
+    family, config = config_from_hf(hf_config)
+    theirs = _normalise_keys(state_dict, PREFIX[family])
+    backbone = Transformer(config)
+    model = ModelWithHeads(backbone, {h: _make_head(family, h, config, backbone) for h in heads}) if heads \
+        else backbone
+    entries = _entries(family, config, heads)
+    missing = sorted({k for _, keys, _ in entries for k in keys} - set(theirs))
+    if missing:
+        raise ValueError(f"the {family} state dict lacks {len(missing)} weights, e.g. {missing[:3]}")
+    ours = {key: _combine([theirs[k] for k in keys], how) for key, keys, how in entries}
+    used = {k for _, keys, _ in entries for k in keys}
+    unused = [k for k in theirs if k not in used and not k.endswith(IGNORED_SUFFIXES) and not k.startswith("pooler")]
+    if unused:
+        raise ValueError(f"{len(unused)} weights of the {family} state dict have no place here, e.g. {unused[:3]}")
+    model.load_state_dict(ours, strict=False)
+    _check_complete(model, set(ours))
+    return model
+
+
+def from_hf(hf_model: nn.Module) -> Transformer | ModelWithHeads:
+    """Convert a Hugging Face model of the four families (see `HF_CLASSES`) with its weights."""
+    name = type(hf_model).__name__
+    if name not in HF_CLASSES:
+        raise ValueError(f"{name} is not supported; supported classes: {sorted(HF_CLASSES)}")
+    return from_hf_state_dict(hf_model.state_dict(), hf_model.config, heads=HF_CLASSES[name][1])
+
+
+def to_hf(model: Transformer | ModelWithHeads, family: str | None = None) -> nn.Module:
+    """A Hugging Face model holding `model`'s weights; the family is inferred from the heads and config if not given.
+
+    Raises ValueError naming the config field when the variant has no equivalent in that family.
+    """
+    import transformers
+
+    backbone = model.backbone if isinstance(model, ModelWithHeads) else model
+    heads = tuple(model.heads) if isinstance(model, ModelWithHeads) else ()
+    config = backbone.config
+    family = family or infer_family(config, heads)
+    class_name = next((n for n, (f, h) in HF_CLASSES.items() if f == family and set(h) == set(heads)), None)
+    if class_name is None:
+        raise ValueError(f"no Hugging Face {family} class has exactly the heads {list(heads)}")
+    hf_config = hf_config_for(config, family)
+    hf_class = getattr(transformers, class_name)
+    hf_model = hf_class(hf_config, add_pooling_layer=False) if class_name in ("BertModel", "AlbertModel") \
+        else hf_class(hf_config)
+    ours = model.state_dict()
+    theirs: dict[str, Tensor] = {}
+    for key, keys, how in _entries(family, config, heads):
+        for hf_key, tensor in zip(keys, _split(ours[key], how, len(keys)), strict=True):
+            theirs[hf_key] = tensor
+    prefix = PREFIX[family] if heads else ""
+    hf_keys = set(hf_model.state_dict())
+    renamed = {}
+    for key, tensor in theirs.items():
+        full = f"{prefix}.{key}" if prefix and f"{prefix}.{key}" in hf_keys else key
+        renamed[full] = tensor
+    missing, unexpected = hf_model.load_state_dict(renamed, strict=False)
+    leftover = [k for k in missing if not k.endswith(IGNORED_SUFFIXES)]
+    if leftover or unexpected:
+        raise RuntimeError(f"weight mapping is incomplete: missing {leftover[:3]}, unexpected {unexpected[:3]}")
+    hf_model.tie_weights()
+    return hf_model.train(model.training)
+
+
+def infer_family(config: TransformerConfig, heads: tuple[str, ...] = ()) -> str:
+    """The Hugging Face family a model belongs to, from its heads first, then its config."""
+    for head, family in (("rtd", "electra"), ("sop", "albert"), ("nsp", "bert"), ("clm", "gpt2")):
+        if head in heads:
+            return family
+    if config.causal:
+        return "gpt2"
+    if config.sharing != "none":
+        return "albert"
+    return "electra" if config.embedding_size != config.hidden_size else "bert"
+
+
+def hf_config_for(config: TransformerConfig, family: str) -> Any:
+    """The Hugging Face config of `family` equivalent to `config`, or ValueError naming the field that has none."""
+    import transformers
+
+    for field, value in REQUIREMENTS[family].items():
+        if getattr(config, field) != value:
+            raise ValueError(
+                f"{field}={getattr(config, field)!r} has no equivalent in Hugging Face {family} (needs {value!r})"
+            )
+    if family in ("bert", "gpt2") and config.embedding_size != config.hidden_size:
+        raise ValueError(f"embedding_size={config.embedding_size} has no equivalent in Hugging Face {family} "
+                         f"(needs embedding_size == hidden_size = {config.hidden_size})")
+    if family == "albert" and (config.embedding_size == config.hidden_size or config.sharing not in ("all", "none")):
+        field = "sharing" if config.sharing not in ("all", "none") else "embedding_size"
+        raise ValueError(f"{field}={getattr(config, field)!r} has no equivalent in Hugging Face albert "
+                         "(needs sharing 'all' or 'none' and embedding_size < hidden_size)")
+    if family != "gpt2" and config.type_vocab_size < 1:
+        raise ValueError(f"type_vocab_size=0 has no equivalent in Hugging Face {family} (needs at least 1)")
+    activation = TO_HF_ACTIVATION[config.activation]
+    if family == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=config.vocab_size, n_embd=config.hidden_size, n_layer=config.num_layers,
+            n_head=config.num_heads, n_inner=config.intermediate_size, n_positions=config.max_position_embeddings,
+            activation_function=activation, layer_norm_epsilon=config.layer_norm_eps, resid_pdrop=config.dropout,
+            embd_pdrop=config.dropout, attn_pdrop=config.attention_dropout, initializer_range=config.initializer_range,
+        )
+    kwargs = dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, intermediate_size=config.intermediate_size,
+        max_position_embeddings=config.max_position_embeddings, type_vocab_size=config.type_vocab_size,
+        hidden_act=activation, layer_norm_eps=config.layer_norm_eps, hidden_dropout_prob=config.dropout,
+        attention_probs_dropout_prob=config.attention_dropout, initializer_range=config.initializer_range,
+    )
+    if family == "bert":
+        return transformers.BertConfig(**kwargs)
+    if family == "electra":
+        return transformers.ElectraConfig(embedding_size=config.embedding_size, **kwargs)
+    groups = config.num_shared_groups if config.sharing == "all" else config.num_layers
+    return transformers.AlbertConfig(embedding_size=config.embedding_size, num_hidden_groups=groups,
+                                     inner_group_num=1, **kwargs)
+
+
+def _entries(family: str, config: TransformerConfig, heads: tuple[str, ...]) -> list[Entry]:
+    """All entries of a model: backbone keys prefixed `backbone.` when there are heads, then each head's."""
+    backbone = _backbone_entries(family, config)
+    if not heads:
+        return backbone
+    entries = [(f"backbone.{ours}", keys, how) for ours, keys, how in backbone]
+    for head in heads:
+        if (family, head) not in HEAD_ENTRIES:
+            raise ValueError(f"head {head!r} has no equivalent in Hugging Face {family}")
+        entries += [(f"heads.{head}.{ours}", keys, how) for ours, keys, how in HEAD_ENTRIES[(family, head)]]
+    return entries
+
+
+def _combine(tensors: list[Tensor], how: str) -> Tensor:
+    if how == "cat":
+        return torch.cat(tensors, dim=0)
+    return tensors[0].t() if how == "t" else tensors[0]
+
+
+def _split(tensor: Tensor, how: str, parts: int) -> list[Tensor]:
+    if how == "cat":
+        return [t.clone() for t in tensor.chunk(parts, dim=0)]
+    return [tensor.t().contiguous() if how == "t" else tensor.clone()]
+
+
+def _check_complete(model: nn.Module, loaded: set[str]) -> None:
+    """Every parameter of ours was loaded (tied LM output weights come with the embeddings)."""
+    names = {name for name, _ in model.named_parameters()}  # shared/tied parameters appear once
+    not_loaded = sorted(names - loaded)
+    if not_loaded:
+        raise RuntimeError(f"weight mapping is incomplete: {not_loaded[:3]} were not loaded")

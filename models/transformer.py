@@ -1,0 +1,221 @@
+"""The Transformer backbone: embeddings, a stack of (possibly shared) attention and FFN layers, hidden states out.
+
+Pure PyTorch. Every architecture variant is a field of `TransformerConfig`; a part that is switched off is
+absent from the module tree (no `hasattr` checks). Shapes: B batch, T sequence, H hidden, E embedding,
+N heads, D head size.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.config import TransformerConfig
+
+
+def activation_module(name: str) -> nn.Module:
+    """The activation called `name` in `TransformerConfig.activation`."""
+    return {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}[name]
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """The families' initialisation: Linear and Embedding weights ~ N(0, std), biases 0, LayerNorm 1 and 0."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def sinusoidal_table(num_positions: int, size: int) -> Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/size)), PE(pos, 2i+1) = cos(...) ("Attention Is All You Need"). (P, size)"""
+    position = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1)  # (P, 1)
+    inverse_frequency = torch.pow(10000.0, -torch.arange(0, size, 2, dtype=torch.float64) / size)  # (size/2,)
+    table = torch.zeros(num_positions, size, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * inverse_frequency)
+    table[:, 1::2] = torch.cos(position * inverse_frequency)
+    return table.float()
+
+
+def rotary_angles(position_ids: Tensor, head_size: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles pos * base^(-2i/D), each (B, 1, T, D), halves repeated (rotate-half layout)."""
+    inverse_frequency = base ** (-torch.arange(0, head_size, 2, device=position_ids.device).float() / head_size)
+    angles = position_ids.float().unsqueeze(-1) * inverse_frequency  # (B, T, D/2)
+    angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)  # (B, 1, T, D)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x_i, x_{i+D/2}) of queries or keys (B, N, T, D) by their position's angle."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+class Embeddings(nn.Module):
+    """Token + segment + (learned or sinusoidal) position embeddings of size E, then LayerNorm (post-LN only),
+    dropout, and an E -> H projection when E != H (ALBERT's factorized embedding)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.word = nn.Embedding(config.vocab_size, config.embedding_size)
+        if config.type_vocab_size > 0:
+            self.token_type = nn.Embedding(config.type_vocab_size, config.embedding_size)
+        if config.position_embedding == "learned":
+            self.position = nn.Embedding(config.max_position_embeddings, config.embedding_size)
+        elif config.position_embedding == "sinusoidal":
+            table = sinusoidal_table(config.max_position_embeddings, config.embedding_size)
+            self.register_buffer("sinusoidal", table, persistent=False)
+        # Post-LN models (BERT) normalise the embeddings; pre-LN models (GPT-2) normalise inside each layer.
+        self.norm = nn.LayerNorm(config.embedding_size, config.layer_norm_eps) \
+            if config.norm_position == "post" else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout)
+        self.projection = nn.Linear(config.embedding_size, config.hidden_size) \
+            if config.embedding_size != config.hidden_size else nn.Identity()
+        self.type_vocab_size = config.type_vocab_size
+        self.position_embedding = config.position_embedding
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None, position_ids: Tensor) -> Tensor:
+        x = self.word(input_ids)  # (B, T, E)
+        if self.type_vocab_size > 0:
+            x = x + self.token_type(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
+        if self.position_embedding == "learned":
+            x = x + self.position(position_ids)
+        elif self.position_embedding == "sinusoidal":
+            x = x + self.sinusoidal[position_ids]
+        return self.projection(self.dropout(self.norm(x)))  # (B, T, H)
+
+
+class Sublayer(nn.Module):
+    """A residual branch f with its LayerNorm: post-LN x = norm(x + f(x)), pre-LN x = x + f(norm(x)).
+
+    Subclasses define f as `branch(x, **kwargs)`.
+    """
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.pre_norm = config.norm_position == "pre"
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        if self.pre_norm:
+            return x + self.dropout(self.branch(self.norm(x), **kwargs))
+        return self.norm(x + self.dropout(self.branch(x, **kwargs)))
+
+
+class Attention(Sublayer):
+    """Multi-head self-attention through `scaled_dot_product_attention` (scale 1/sqrt(D)), fused QKV projection."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__(config)
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+        self.num_heads = config.num_heads
+        self.attention_dropout = config.attention_dropout
+
+    def branch(self, x: Tensor, mask: Tensor | None, is_causal: bool, rotary: tuple[Tensor, Tensor] | None) -> Tensor:
+        B, T, H = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, N, T, D)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+        )  # (B, N, T, D)
+        return self.out(y.transpose(1, 2).reshape(B, T, H))
+
+
+class FeedForward(Sublayer):
+    """Position-wise H -> intermediate -> H with the configured activation."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__(config)
+        self.up = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = activation_module(config.activation)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def branch(self, x: Tensor) -> Tensor:
+        return self.down(self.activation(self.up(x)))
+
+
+def attention_mask_for(
+    attention_mask: Tensor | None, document_ids: Tensor | None, causal: bool, seq_len: int, device: torch.device
+) -> tuple[Tensor | None, bool]:
+    """The boolean mask (True = may attend) for SDPA and its `is_causal` flag.
+
+    attention_mask (B, T): 1 for real tokens, 0 for padding keys. document_ids (B, T): packed sequences attend only
+    within their own document (block-diagonal). A purely causal mask is left to SDPA's `is_causal` (flash kernels).
+    """
+    if attention_mask is None and document_ids is None:
+        return None, causal
+    mask = torch.ones(1, 1, 1, seq_len, dtype=torch.bool, device=device)  # (B, 1, T_query, T_key) broadcast
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, None, :]
+    if document_ids is not None:
+        mask = mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
+    if causal:
+        mask = mask & torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    # Every query keeps itself, so no row is fully masked (a padded query would give NaN, which leaks through V).
+    mask = mask | torch.eye(seq_len, dtype=torch.bool, device=device)
+    return mask, False
+
+
+class Transformer(nn.Module):
+    """The backbone: `forward(input_ids, ...)` returns the last hidden states (B, T, H)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        attention_groups = config.layer_groups(shared=config.sharing in ("all", "attention"))
+        ffn_groups = config.layer_groups(shared=config.sharing in ("all", "ffn"))
+        # Sharing = fewer layers, run in a longer order: position i runs attention_layers[attention_groups[i]].
+        self.attention_layers = nn.ModuleList(Attention(config) for _ in range(max(attention_groups) + 1))
+        self.ffn_layers = nn.ModuleList(FeedForward(config) for _ in range(max(ffn_groups) + 1))
+        self.layer_order = list(zip(attention_groups, ffn_groups, strict=True))
+        self.final_norm = nn.LayerNorm(config.hidden_size, config.layer_norm_eps) \
+            if config.norm_position == "pre" else nn.Identity()
+        self.apply(partial(init_weights, std=config.initializer_range))
+        if config.scaled_residual_init:  # GPT-2: keep the residual stream's variance independent of depth
+            std = config.initializer_range / math.sqrt(2 * config.num_layers)
+            for layer in self.attention_layers:
+                nn.init.normal_(layer.out.weight, std=std)
+            for layer in self.ffn_layers:
+                nn.init.normal_(layer.down.weight, std=std)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        document_ids: Tensor | None = None,
+    ) -> Tensor:
+        """input_ids (B, T); attention_mask (B, T) 1 = real token, 0 = padding; token_type_ids (B, T) segments;
+        position_ids (B, T), default 0..T-1; document_ids (B, T) for packed sequences. Returns (B, T, H)."""
+        B, T = input_ids.shape
+        if T > self.config.max_position_embeddings and self.config.position_embedding != "rotary":
+            raise ValueError(
+                f"sequence length {T} exceeds max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        mask, is_causal = attention_mask_for(attention_mask, document_ids, self.config.causal, T, input_ids.device)
+        rotary = None
+        if self.config.position_embedding == "rotary":
+            rotary = rotary_angles(position_ids, self.config.head_size, self.config.rotary_base)
+        x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
+        for attention_index, ffn_index in self.layer_order:
+            x = self.attention_layers[attention_index](x, mask=mask, is_causal=is_causal, rotary=rotary)
+            x = self.ffn_layers[ffn_index](x)
+        return self.final_norm(x)
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (shared and tied ones counted once)."""
+        return sum(p.numel() for p in self.parameters())

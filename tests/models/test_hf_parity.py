@@ -1,0 +1,166 @@
+"""Our backbone and heads against Hugging Face transformers on the same (random) weights, in fp32."""
+
+import pytest
+import torch
+
+from models import ModelWithHeads, Transformer, TransformerConfig, from_hf, to_hf
+from models.hf import from_hf_state_dict
+
+transformers = pytest.importorskip("transformers", reason="transformers is in the dev extras")
+
+SMALL = dict(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+             max_position_embeddings=64)
+
+
+def bert_config():
+    return transformers.BertConfig(**SMALL)
+
+
+def albert_config():
+    return transformers.AlbertConfig(**dict(SMALL, num_hidden_layers=4), embedding_size=32, num_hidden_groups=2)
+
+
+def electra_config():
+    return transformers.ElectraConfig(**SMALL, embedding_size=32)
+
+
+def gpt2_config():
+    return transformers.GPT2Config(vocab_size=99, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+
+
+CASES = {
+    "BertModel": bert_config, "BertForPreTraining": bert_config, "BertForMaskedLM": bert_config,
+    "AlbertModel": albert_config, "AlbertForPreTraining": albert_config,
+    "ElectraModel": electra_config, "ElectraForPreTraining": electra_config, "ElectraForMaskedLM": electra_config,
+    "GPT2Model": gpt2_config, "GPT2LMHeadModel": gpt2_config,
+}
+# Our head name -> the Hugging Face output that holds the same logits.
+HF_OUTPUT = {"mlm": ("prediction_logits", "logits"), "nsp": ("seq_relationship_logits",),
+             "sop": ("sop_logits",), "rtd": ("logits",), "clm": ("logits",)}
+
+
+def make_hf(class_name: str):
+    config = CASES[class_name]()
+    config._attn_implementation = "eager"  # the plainest reference path
+    model = getattr(transformers, class_name)(config).eval()
+    with torch.no_grad():  # move every weight (LayerNorms and biases too) off its default so mix-ups show
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model
+
+
+def batch(gpt2: bool):
+    input_ids = torch.randint(0, 99, (3, 12))
+    attention_mask = torch.ones(3, 12, dtype=torch.long)
+    attention_mask[1, 8:] = 0
+    attention_mask[2, 5:] = 0
+    token_type_ids = torch.zeros_like(input_ids)
+    token_type_ids[:, 6:] = 1
+    inputs = dict(attention_mask=attention_mask)
+    if not gpt2:
+        inputs["token_type_ids"] = token_type_ids
+    return input_ids, inputs
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
+
+
+def compare(ours_model, hf_model, class_name):
+    input_ids, inputs = batch(gpt2=class_name.startswith("GPT2"))
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        theirs = hf_model(input_ids, **inputs, output_hidden_states=True)
+        if isinstance(ours_model, ModelWithHeads):
+            ours = ours_model(input_ids, **inputs)
+            hidden = ours["hidden_states"]
+        else:
+            hidden = ours_model(input_ids, **inputs)
+    their_hidden = theirs.hidden_states[-1] if theirs.hidden_states is not None else theirs.last_hidden_state
+    assert relative_error(hidden[real], their_hidden[real]) < 1e-5
+    if isinstance(ours_model, ModelWithHeads):
+        for head in ours_model.heads:
+            name = next(n for n in HF_OUTPUT[head] if getattr(theirs, n, None) is not None)
+            logits, their_logits = ours[head], getattr(theirs, name)
+            if head in ("mlm", "rtd", "clm"):  # token-level logits: compare the real tokens only
+                logits, their_logits = logits[real], their_logits[real]
+            assert relative_error(logits, their_logits) < 1e-5, head
+
+
+@pytest.mark.parametrize("class_name", sorted(CASES))
+def test_from_hf_matches_hugging_face(class_name):
+    hf_model = make_hf(class_name)
+    ours = from_hf(hf_model).eval()
+    expected_type = Transformer if class_name in ("BertModel", "AlbertModel", "ElectraModel", "GPT2Model") \
+        else ModelWithHeads
+    assert isinstance(ours, expected_type)
+    compare(ours, hf_model, class_name)
+
+
+@pytest.mark.parametrize("class_name", sorted(CASES))
+def test_to_hf_round_trip_matches_hugging_face(class_name):
+    hf_model = make_hf(class_name)
+    back = to_hf(from_hf(hf_model).eval())
+    assert type(back).__name__ == class_name
+    back.config._attn_implementation = "eager"
+    input_ids, inputs = batch(gpt2=class_name.startswith("GPT2"))
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        a = hf_model(input_ids, **inputs, output_hidden_states=True)
+        b = back(input_ids, **inputs, output_hidden_states=True)
+    assert relative_error(b.hidden_states[-1][real], a.hidden_states[-1][real]) < 1e-5
+    for name in ("prediction_logits", "logits", "seq_relationship_logits", "sop_logits"):
+        if getattr(a, name, None) is not None:
+            assert relative_error(getattr(b, name), getattr(a, name)) < 1e-5, name
+
+
+def test_published_checkpoint_layout_loads():
+    """Published checkpoints carry buffers, a base-model prefix (or none) and TF-style LayerNorm gamma/beta."""
+    hf_model = make_hf("BertForPreTraining")
+    state = {}
+    for key, value in hf_model.state_dict().items():
+        key = key.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+        state[key] = value
+    state["bert.embeddings.position_ids"] = torch.arange(64)[None]
+    ours = from_hf_state_dict(state, hf_model.config, heads=("mlm", "nsp")).eval()
+    compare(ours, hf_model, "BertForPreTraining")
+
+    gpt2 = make_hf("GPT2Model")
+    state = dict(gpt2.state_dict())
+    state.update({f"h.{i}.attn.bias": torch.ones(1, 1, 64, 64).tril() for i in range(2)})  # old causal buffers
+    compare(from_hf_state_dict(state, gpt2.config).eval(), gpt2, "GPT2Model")
+
+
+def test_from_hf_rejects_missing_and_unknown_weights():
+    hf_model = make_hf("BertModel")
+    state = dict(hf_model.state_dict())
+    del state["encoder.layer.1.output.dense.weight"]
+    with pytest.raises(ValueError, match="lacks 1 weights"):
+        from_hf_state_dict(state, hf_model.config)
+    state = dict(hf_model.state_dict(), **{"encoder.layer.1.adapter.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match="no place here"):
+        from_hf_state_dict(state, hf_model.config)
+
+
+@pytest.mark.parametrize(
+    "overrides, family, field",
+    [
+        (dict(position_embedding="rotary"), "bert", "position_embedding"),
+        (dict(norm_position="pre"), "bert", "norm_position"),
+        (dict(embedding_size=32), "bert", "embedding_size"),
+        (dict(sharing="attention"), "albert", "sharing"),
+        (dict(sharing="all"), "electra", "sharing"),
+        (dict(position_embedding="sinusoidal", norm_position="pre", causal=True, type_vocab_size=0), "gpt2",
+         "position_embedding"),
+    ],
+)
+def test_to_hf_names_the_field_without_equivalent(overrides, family, field):
+    config = TransformerConfig.preset("bert-tiny", **overrides)
+    with pytest.raises(ValueError, match=field):
+        to_hf(Transformer(config), family=family)
+
+
+def test_unsupported_class_is_named():
+    model = transformers.BertForSequenceClassification(bert_config())
+    with pytest.raises(ValueError, match="BertForSequenceClassification is not supported"):
+        from_hf(model)

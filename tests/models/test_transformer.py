@@ -1,0 +1,271 @@
+"""The backbone's variants: parameter counts, sharing, masks, positions, initialisation."""
+
+import math
+
+import pytest
+import torch
+
+from models import LMHead, ModelWithHeads, Pooler, Transformer, TransformerConfig
+from models.transformer import apply_rotary, rotary_angles, sinusoidal_table
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# Hugging Face's counts for the same configs (BertModel/AlbertModel include their pooler) and the papers' figures.
+HF_COUNTS = {"bert-base": 109_482_240, "albert-base": 11_683_584, "albert-large": 17_683_968,
+             "albert-xlarge": 58_724_864, "albert-xxlarge": 222_595_584, "electra-small": 13_483_008,
+             "gpt2-small": 124_439_808}
+PAPER_COUNTS = {"bert-base": 108e6, "albert-base": 12e6, "albert-large": 18e6, "albert-xlarge": 60e6,
+                "albert-xxlarge": 235e6, "electra-small": 14e6, "gpt2-small": 124e6}
+
+
+@pytest.mark.parametrize("name", sorted(HF_COUNTS))
+def test_preset_parameter_counts(name):
+    config = TransformerConfig.preset(name)
+    with torch.device("meta"):  # counts only: no memory, no initialisation time
+        total = Transformer(config).num_parameters()
+        if name.startswith(("bert", "albert")):  # Hugging Face counts the [CLS] pooler in the base model
+            total += count(Pooler(config))
+    assert total == HF_COUNTS[name]
+    assert abs(total / PAPER_COUNTS[name] - 1) < 0.06
+
+
+def test_preset_counts_equal_hugging_face_models_built_from_same_configs():
+    transformers = pytest.importorskip("transformers", reason="transformers is in the dev extras")
+    from models.hf import hf_config_for
+
+    classes = {"bert": transformers.BertModel, "albert": transformers.AlbertModel,
+               "electra": transformers.ElectraModel, "gpt2": transformers.GPT2Model}
+    for name in ("bert-large", "electra-base", "electra-base-generator", "electra-small-generator", "gpt2-medium"):
+        family = name.split("-")[0]
+        config = TransformerConfig.preset(name)
+        with torch.device("meta"):
+            ours = Transformer(config).num_parameters() + (count(Pooler(config)) if family == "bert" else 0)
+            theirs = classes[family](hf_config_for(config, family)).num_parameters()
+        assert ours == theirs, name
+
+
+def sizes(config: TransformerConfig) -> dict[str, int]:
+    """Parameter counts computed from the sizes alone."""
+    V, E, H, F, P, S = (config.vocab_size, config.embedding_size, config.hidden_size, config.intermediate_size,
+                        config.max_position_embeddings, config.type_vocab_size)
+    embeddings = (V + P + S) * E + 2 * E + (E * H + H if E != H else 0)
+    attention = 3 * H * H + 3 * H + H * H + H + 2 * H
+    ffn = H * F + F + F * H + H + 2 * H
+    return dict(embeddings=embeddings, attention=attention, ffn=ffn)
+
+
+@pytest.mark.parametrize("sharing", ["none", "all", "attention", "ffn"])
+@pytest.mark.parametrize("num_layers", [2, 4, 6])
+def test_sharing_counts(sharing, num_layers):
+    config = TransformerConfig.preset("albert-tiny", sharing=sharing, num_layers=num_layers)
+    s = sizes(config)
+    attention_copies = 1 if sharing in ("all", "attention") else num_layers
+    ffn_copies = 1 if sharing in ("all", "ffn") else num_layers
+    expected = s["embeddings"] + attention_copies * s["attention"] + ffn_copies * s["ffn"]
+    assert Transformer(config).num_parameters() == expected
+
+
+def test_all_sharing_count_does_not_change_with_depth():
+    counts = {Transformer(TransformerConfig.preset("albert-tiny", num_layers=n)).num_parameters() for n in (1, 3, 12)}
+    assert len(counts) == 1
+
+
+def test_shared_groups_follow_albert_order():
+    config = TransformerConfig.preset("albert-tiny", num_layers=6, num_shared_groups=3)
+    model = Transformer(config)
+    assert len(model.attention_layers) == 3 and len(model.ffn_layers) == 3
+    assert [a for a, _ in model.layer_order] == [0, 0, 1, 1, 2, 2]
+    s = sizes(config)
+    assert model.num_parameters() == s["embeddings"] + 3 * (s["attention"] + s["ffn"])
+
+
+def test_shared_layers_run_each_time():
+    """A model with all layers shared over 4 positions equals the same layer applied 4 times."""
+    config = TransformerConfig.preset("albert-tiny", num_layers=4, dropout=0.0)
+    model = Transformer(config).eval()
+    one = Transformer(TransformerConfig.preset("albert-tiny", num_layers=1, dropout=0.0)).eval()
+    one.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 1000, (2, 10))
+    with torch.no_grad():
+        x = one.embeddings(ids, None, torch.arange(10).expand(2, 10))
+        for _ in range(4):
+            x = one.ffn_layers[0](one.attention_layers[0](x, mask=None, is_causal=False, rotary=None))
+        assert torch.allclose(model(ids), x, atol=1e-6)
+
+
+@pytest.mark.parametrize("position_embedding", ["learned", "sinusoidal", "rotary"])
+def test_causal_outputs_ignore_future_tokens(position_embedding):
+    config = TransformerConfig.preset("gpt2-tiny", position_embedding=position_embedding)
+    model = Transformer(config).eval()
+    ids = torch.randint(0, 1000, (2, 16))
+    changed = ids.clone()
+    changed[:, 9:] = torch.randint(0, 1000, (2, 7))
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    assert torch.equal(a[:, :9], b[:, :9])
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+@pytest.mark.parametrize("preset", ["bert-tiny", "albert-tiny", "electra-tiny", "gpt2-tiny"])
+def test_padding_never_changes_real_tokens(preset):
+    model = Transformer(TransformerConfig.preset(preset)).eval()
+    ids = torch.randint(1, 1000, (2, 10))
+    padded = torch.cat([ids, torch.zeros(2, 6, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(2, 10), torch.zeros(2, 6)], dim=1).long()
+    with torch.no_grad():
+        short = model(ids)
+        long = model(padded, attention_mask=mask)
+    assert (long[:, :10] - short).abs().max() < 1e-6
+    assert torch.isfinite(long).all()
+
+
+def test_document_mask_keeps_packed_documents_apart():
+    """Two packed documents give the hidden states each gives alone (positions restart per document)."""
+    model = Transformer(TransformerConfig.preset("bert-tiny")).eval()
+    first, second = torch.randint(1, 1000, (1, 7)), torch.randint(1, 1000, (1, 5))
+    packed = torch.cat([first, second], dim=1)
+    document_ids = torch.tensor([[0] * 7 + [1] * 5])
+    position_ids = torch.tensor([list(range(7)) + list(range(5))])
+    with torch.no_grad():
+        together = model(packed, document_ids=document_ids, position_ids=position_ids)
+        alone = torch.cat([model(first), model(second)], dim=1)
+    assert (together - alone).abs().max() < 1e-5
+
+
+def test_causal_document_mask_with_padding():
+    model = Transformer(TransformerConfig.preset("gpt2-tiny")).eval()
+    first, second = torch.randint(1, 1000, (1, 6)), torch.randint(1, 1000, (1, 4))
+    packed = torch.cat([first, second, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    document_ids = torch.tensor([[0] * 6 + [1] * 4 + [2] * 3])
+    position_ids = torch.tensor([list(range(6)) + list(range(4)) + [0, 1, 2]])
+    mask = torch.tensor([[1] * 10 + [0] * 3])
+    with torch.no_grad():
+        together = model(packed, attention_mask=mask, document_ids=document_ids, position_ids=position_ids)
+        alone = torch.cat([model(first), model(second)], dim=1)
+    assert (together[:, :10] - alone).abs().max() < 1e-5
+    assert torch.isfinite(together).all()
+
+
+def test_sinusoidal_table_equals_formula():
+    size = 16
+    table = sinusoidal_table(50, size)
+    for pos in (0, 1, 7, 49):
+        for i in range(size // 2):
+            angle = pos / 10000 ** (2 * i / size)
+            assert table[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_sinusoidal_positions_are_used_and_not_saved():
+    config = TransformerConfig.preset("bert-tiny", position_embedding="sinusoidal")
+    model = Transformer(config).eval()
+    assert not any("position" in key or "sinusoidal" in key for key in model.state_dict())
+    ids = torch.randint(0, 1000, (1, 8))
+    with torch.no_grad():
+        word = model.embeddings.word(ids) + model.embeddings.token_type(torch.zeros_like(ids))
+        expected = model.embeddings.norm(word + sinusoidal_table(128, 64)[:8])
+        assert torch.allclose(model.embeddings(ids, None, torch.arange(8)[None]), expected, atol=1e-6)
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    q, k = torch.randn(2, 3, 10, 16), torch.randn(2, 3, 10, 16)
+    positions = torch.arange(10).expand(2, 10)
+    scores = []
+    for shift in (0, 5, 123):
+        cos, sin = rotary_angles(positions + shift, 16)
+        scores.append(apply_rotary(q, cos, sin) @ apply_rotary(k, cos, sin).transpose(-1, -2))
+    assert torch.allclose(scores[0], scores[1], atol=1e-4) and torch.allclose(scores[0], scores[2], atol=1e-4)
+    assert not torch.allclose(scores[0], q @ k.transpose(-1, -2), atol=1e-2)  # the rotation does something
+
+
+def test_rotary_model_is_invariant_to_position_shift():
+    model = Transformer(TransformerConfig.preset("gpt2-tiny", position_embedding="rotary")).eval()
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        a = model(ids)
+        b = model(ids, position_ids=torch.arange(12).expand(2, 12) + 40)
+    assert (a - b).abs().max() < 1e-4
+    assert not any("position" in key for key in model.state_dict())
+
+
+def test_initialisation_std():
+    config = TransformerConfig.preset("gpt2-small", vocab_size=2000, num_layers=4, max_position_embeddings=64)
+    model = Transformer(config)
+    std = config.initializer_range
+    assert model.attention_layers[0].qkv.weight.std().item() == pytest.approx(std, rel=0.05)
+    assert model.embeddings.word.weight.std().item() == pytest.approx(std, rel=0.05)
+    scaled = std / math.sqrt(2 * config.num_layers)
+    assert model.attention_layers[0].out.weight.std().item() == pytest.approx(scaled, rel=0.05)
+    assert model.ffn_layers[3].down.weight.std().item() == pytest.approx(scaled, rel=0.05)
+    assert model.attention_layers[0].qkv.bias.abs().max() == 0
+    assert torch.equal(model.final_norm.weight, torch.ones(768))
+    bert = Transformer(TransformerConfig.preset("bert-tiny", hidden_size=256, intermediate_size=1024))
+    assert bert.attention_layers[0].out.weight.std().item() == pytest.approx(std, rel=0.05)
+
+
+def test_norm_position_builds_the_right_norms():
+    post = Transformer(TransformerConfig.preset("bert-tiny"))
+    pre = Transformer(TransformerConfig.preset("gpt2-tiny"))
+    assert isinstance(post.embeddings.norm, torch.nn.LayerNorm) and isinstance(post.final_norm, torch.nn.Identity)
+    assert isinstance(pre.embeddings.norm, torch.nn.Identity) and isinstance(pre.final_norm, torch.nn.LayerNorm)
+
+
+@pytest.mark.parametrize("norm_position", ["post", "pre"])
+def test_pre_and_post_norm_compute_their_formulas(norm_position):
+    """One layer by hand: post-LN x = LN(x + f(x)); pre-LN x = x + f(LN(x))."""
+    config = TransformerConfig.preset("bert-tiny", norm_position=norm_position, dropout=0.0, attention_dropout=0.0)
+    layer = Transformer(config).ffn_layers[0].eval()
+    torch.nn.init.normal_(layer.norm.weight)
+    x = torch.randn(2, 5, 64)
+
+    def f(h):
+        return layer.down(layer.activation(layer.up(h)))
+
+    expected = layer.norm(x + f(x)) if norm_position == "post" else x + f(layer.norm(x))
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation, reference", [
+    ("gelu", lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))),
+    ("gelu_tanh", lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))),
+    ("relu", lambda x: x.clamp(min=0)),
+])
+def test_activations(activation, reference):
+    layer = Transformer(TransformerConfig.preset("bert-tiny", activation=activation)).ffn_layers[0]
+    x = torch.linspace(-4, 4, 101)
+    assert torch.allclose(layer.activation(x), reference(x), atol=1e-6)
+
+
+def test_attention_is_scaled_dot_product():
+    """Our attention layer equals softmax(q k^T / sqrt(D)) v written out by hand."""
+    config = TransformerConfig.preset("bert-tiny", dropout=0.0, attention_dropout=0.0)
+    attention = Transformer(config).attention_layers[0].eval()
+    x = torch.randn(2, 6, 64)
+    q, k, v = attention.qkv(x).view(2, 6, 3, 2, 32).permute(2, 0, 3, 1, 4)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(32), dim=-1)
+    expected = attention.out((weights @ v).transpose(1, 2).reshape(2, 6, 64))
+    assert torch.allclose(attention.branch(x, mask=None, is_causal=False, rotary=None), expected, atol=1e-5)
+
+
+def test_lm_head_is_tied_and_factorized():
+    config = TransformerConfig.preset("albert-tiny")
+    backbone = Transformer(config)
+    model = ModelWithHeads(backbone, {"mlm": LMHead(config, backbone.embeddings.word)})
+    assert model.heads["mlm"].weight is backbone.embeddings.word.weight
+    assert model.heads["mlm"].transform[0].weight.shape == (32, 64)  # H -> E
+    out = model(torch.randint(0, 1000, (2, 5)))
+    assert out["mlm"].shape == (2, 5, 1000)
+    out["mlm"].sum().backward()
+    assert backbone.embeddings.word.weight.grad is not None
+    # A factorized model with GPT-2's plain head projects H -> E before the tied E -> V matrix.
+    plain = LMHead(config, backbone.embeddings.word, transform=False, bias=False)
+    assert plain(torch.randn(3, 64)).shape == (3, 1000)
+
+
+def test_sequence_longer_than_positions_is_a_clear_error():
+    model = Transformer(TransformerConfig.preset("bert-tiny"))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.zeros(1, 129, dtype=torch.long))
