@@ -269,3 +269,33 @@ def test_sequence_longer_than_positions_is_a_clear_error():
     model = Transformer(TransformerConfig.preset("bert-tiny"))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_bf16_autocast_stays_close_to_fp32():
+    model = Transformer(TransformerConfig.preset("bert-tiny")).eval()
+    ids = torch.randint(0, 1000, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(ids, attention_mask=mask)
+    assert not torch.equal(half.float(), full)  # the matmuls really ran in bf16 (the final LayerNorm is fp32)
+    assert ((half.float() - full).abs().max() / full.abs().max()).item() < 0.05
+
+
+def test_dropout_acts_in_training_only():
+    model = Transformer(TransformerConfig.preset("bert-tiny", dropout=0.0, attention_dropout=0.5))
+    ids = torch.randint(0, 1000, (2, 16))
+    assert not torch.allclose(model(ids), model(ids))  # attention dropout is wired
+    model.eval()
+    assert torch.equal(model(ids), model(ids))
+
+
+def test_importing_models_does_not_import_transformers_or_lightning():
+    import subprocess
+    import sys
+
+    code = "import sys, models; print('transformers' in sys.modules, 'pytorch_lightning' in sys.modules)"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.split() == ["False", "False"]
