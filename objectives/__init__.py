@@ -1,1 +1,18 @@
-"""Pretraining objectives (MLM, NSP, SOP, RTD, CLM), one module each; they build on `models`, never read files."""
+"""Pretraining objectives, one module each: they corrupt the batch, own their heads and compute their losses.
+
+They build on `models` and never read files. See `objectives.base` for the contract.
+"""
+
+from objectives.base import Batch, Objective, ObjectiveOutput, check_combination
+from objectives.clm import CausalLM
+from objectives.masking import IGNORE_INDEX, gather_selected, mask_tokens
+from objectives.mlm import MaskedLM
+from objectives.nsp import NextSentencePrediction, make_nsp_pairs
+from objectives.rtd import ReplacedTokenDetection
+from objectives.sop import SentenceOrderPrediction, swap_segments
+
+__all__ = [
+    "Batch", "Objective", "ObjectiveOutput", "check_combination", "IGNORE_INDEX", "mask_tokens", "gather_selected",
+    "MaskedLM", "NextSentencePrediction", "make_nsp_pairs", "SentenceOrderPrediction", "swap_segments",
+    "ReplacedTokenDetection", "CausalLM",
+]

@@ -1,0 +1,98 @@
+"""The contract every objective follows, and the check that a set of objectives can train together.
+
+A batch is a dict of tensors, all (B, T) unless noted: `input_ids`, `attention_mask` (1 = real token),
+optionally `token_type_ids`, `position_ids`, `document_ids` (packed "stream" layout), `word_starts`
+(whole-word masking), `next_sentence_label` (B,) for NSP ("pairs" layout).
+
+One training step: each objective may `corrupt` the batch (returning a new dict; never in place), the backbone
+runs once on the corrupted batch, then each objective computes its loss from the shared hidden states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models import TransformerConfig
+
+Batch = dict[str, Tensor]
+Layout = Literal["stream", "pairs"]
+
+
+@dataclass
+class ObjectiveOutput:
+    """An objective's unweighted loss and what its accuracy is computed from (no host sync: tensors only)."""
+
+    loss: Tensor  # scalar
+    correct: Tensor  # (N,) 1.0 where the prediction was right
+    counted: Tensor | None = None  # (N,) 1.0 for the predictions that count (None: all of them)
+    extra: dict[str, Tensor] = field(default_factory=dict)  # further scalars to log, e.g. sub-losses
+
+
+class Objective(nn.Module):
+    """Owns its corruption, its head(s) and its loss. Subclasses set the class attributes and define
+    `bind(backbone)` (build heads, once the backbone exists) and `forward(hidden_states, batch) -> ObjectiveOutput`.
+    """
+
+    name: ClassVar[str]
+    attention: ClassVar[Literal["causal", "bidirectional"]] = "bidirectional"
+    corrupts_tokens: ClassVar[bool] = False  # rewrites input_ids (MLM, RTD): at most one such objective
+    pair_task: ClassVar[bool] = False  # classifies segment pairs (NSP, SOP): needs the "pairs" layout
+    language_model: ClassVar[bool] = False  # its loss is a token cross-entropy: perplexity is logged too
+
+    def __init__(self, weight: float = 1.0):
+        super().__init__()
+        if weight <= 0:
+            raise ValueError(f"{type(self).__name__}: weight must be positive, got {weight}")
+        self.weight = weight
+
+    def corrupt(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
+        """The batch this objective wants the backbone to see. The default leaves it unchanged."""
+        return batch
+
+
+def check_combination(objectives: list[Objective], config: TransformerConfig, layout: Layout | None = None) -> None:
+    """Raise ValueError, naming both pieces, if these objectives cannot train together on this backbone and data."""
+    if not objectives:
+        raise ValueError("no objective given: add at least one (e.g. objectives.MaskedLM)")
+    names = [o.name for o in objectives]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"objective {duplicates[0]} is given twice; give each objective once")
+    for first in objectives:
+        for second in objectives[objectives.index(first) + 1:]:
+            if first.attention != second.attention:
+                raise ValueError(f"{first.name} needs {first.attention} attention and {second.name} needs "
+                                 f"{second.attention} attention; they cannot train on one backbone")
+            if first.corrupts_tokens and second.corrupts_tokens:
+                raise ValueError(f"{first.name} and {second.name} both rewrite the input tokens and cannot share "
+                                 "one forward pass; keep one of them")
+            if first.pair_task and second.pair_task:
+                raise ValueError(f"{first.name} and {second.name} are both sentence-pair tasks; keep one of them")
+    backbone_attention = "causal" if config.causal else "bidirectional"
+    for objective in objectives:
+        if objective.attention != backbone_attention:
+            raise ValueError(
+                f"{objective.name} needs a {objective.attention} backbone but the model has causal={config.causal}; "
+                f"set causal={objective.attention == 'causal'} in the model config"
+            )
+    for objective in objectives:
+        if objective.pair_task and layout is not None and layout != "pairs":
+            raise ValueError(f"{objective.name} needs sentence-pair data but the data layout is {layout!r}; "
+                             "set the data layout to 'pairs' or drop the objective")
+
+
+def token_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy over the labels that are not `ignore_index`; 0 (not NaN) when there are none, as can
+    happen to a small batch in which masking selected nothing. logits (N, V) in any dtype, labels (N,)."""
+    total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum().clamp(min=1)
+
+
+def accuracy_of(logits: Tensor, labels: Tensor) -> Tensor:
+    """1.0 where argmax(logits) == label. logits (N, C), labels (N,) -> (N,)"""
+    return (logits.argmax(dim=-1) == labels).float()

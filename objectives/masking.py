@@ -1,0 +1,92 @@
+"""BERT-style token masking, vectorised on the batch's device, shared by MLM and ELECTRA's generator."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100  # labels at positions that carry no loss (the Hugging Face convention)
+
+
+def mask_tokens(
+    input_ids: Tensor,
+    *,
+    mask_token_id: int,
+    vocab_size: int,
+    special_ids: Sequence[int],
+    mask_prob: float = 0.15,
+    generator: torch.Generator | None = None,
+    replace_probs: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    word_starts: Tensor | None = None,
+    num_masked: int | None = None,
+    attention_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Select tokens to predict and corrupt them. input_ids (B, T) -> (corrupted_ids (B, T), labels (B, T)).
+
+    Special tokens (and padding: pass its id in `special_ids`, or an `attention_mask`) are never selected. Each
+    maskable token is selected with probability `mask_prob`; with `num_masked`, exactly that many per row instead
+    (fewer only where a row has fewer maskable tokens), so shapes downstream are static. With `word_starts` (B, T),
+    True at each word's first sub-token, whole words are selected together. Of the selected tokens, the fractions
+    `replace_probs` = (mask, random, keep) become [MASK], a random non-special token, or stay as they are.
+    labels hold the original ids at selected positions and -100 elsewhere.
+    """
+    if abs(sum(replace_probs) - 1.0) > 1e-6 or min(replace_probs) < 0:
+        raise ValueError(f"replace_probs (mask, random, keep) must be >= 0 and sum to 1, got {replace_probs}")
+    if not 0.0 < mask_prob < 1.0:
+        raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
+    if word_starts is not None and num_masked is not None:
+        raise ValueError("whole-word masking (word_starts) and a fixed num_masked per row cannot be combined")
+    specials = torch.tensor(sorted(set(special_ids)), device=input_ids.device, dtype=input_ids.dtype)
+    maskable = ~torch.isin(input_ids, specials)
+    if attention_mask is not None:
+        maskable &= attention_mask.bool()
+
+    scores = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    if num_masked is not None:
+        scores = scores.masked_fill(~maskable, 2.0)  # unmaskable last
+        chosen = scores.argsort(dim=1)[:, :num_masked]  # (B, k): the k lowest scores per row
+        selected = torch.zeros_like(maskable).scatter_(1, chosen, True) & maskable
+    elif word_starts is not None:
+        starts = word_starts.bool() & maskable
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        word_start_of = torch.cummax(torch.where(starts, positions, 0), dim=1).values  # (B, T) its word's start
+        selected = (starts & (scores < mask_prob)).gather(1, word_start_of) & maskable
+    else:
+        selected = maskable & (scores < mask_prob)
+
+    action = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    to_mask = selected & (action < replace_probs[0])
+    to_random = selected & (action >= replace_probs[0]) & (action < replace_probs[0] + replace_probs[1])
+    random_ids = random_non_special(input_ids.shape, vocab_size, special_ids, generator, input_ids.device)
+    corrupted = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
+    corrupted = torch.where(to_random, random_ids, corrupted)
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    return corrupted, labels
+
+
+def random_non_special(
+    shape: torch.Size, vocab_size: int, special_ids: Sequence[int], generator: torch.Generator | None,
+    device: torch.device,
+) -> Tensor:
+    """Uniform token ids in [0, vocab_size) that are never in `special_ids`, without a host sync."""
+    excluded = sorted({s for s in special_ids if 0 <= s < vocab_size})
+    ids = torch.randint(0, vocab_size - len(excluded), shape, generator=generator, device=device)
+    for special in excluded:  # shift past each excluded id, in ascending order
+        ids = ids + (ids >= special).long()
+    return ids
+
+
+def gather_selected(hidden_states: Tensor, labels: Tensor, num_selected: int | None = None) -> tuple[Tensor, Tensor]:
+    """Hidden states and labels at the selected positions only, so the V-wide output layer runs there alone.
+
+    hidden_states (B, T, H), labels (B, T) with -100 where not selected -> (N, H), (N,). With `num_selected` the
+    shape is static (B * num_selected; rows with fewer selections contribute -100 labels) and nothing syncs.
+    """
+    if num_selected is None:
+        selected = labels != IGNORE_INDEX
+        return hidden_states[selected], labels[selected]
+    positions = (labels != IGNORE_INDEX).float().topk(num_selected, dim=1, sorted=False).indices  # (B, k)
+    hidden = hidden_states.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
+    return hidden.flatten(0, 1), labels.gather(1, positions).flatten()

@@ -1,0 +1,61 @@
+"""Masked language modelling (BERT): predict the selected tokens from their corrupted context."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from models import LMHead, Transformer
+from objectives.base import Batch, Objective, ObjectiveOutput, accuracy_of, token_cross_entropy
+from objectives.masking import IGNORE_INDEX, gather_selected, mask_tokens
+
+
+class MaskedLM(Objective):
+    """BERT's MLM: `mask_prob` of the tokens selected, 80/10/10 [MASK]/random/kept (`replace_probs`), the tied LM
+    head applied at the selected positions only. `whole_word` masks whole words (needs `word_starts` in the batch);
+    `num_masked` selects a fixed count per row (static shapes, no host sync: best on GPUs and with torch.compile).
+    """
+
+    name = "mlm"
+    corrupts_tokens = True
+    language_model = True
+
+    def __init__(
+        self,
+        mask_token_id: int,
+        special_ids: Sequence[int],
+        mask_prob: float = 0.15,
+        replace_probs: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        whole_word: bool = False,
+        num_masked: int | None = None,
+        weight: float = 1.0,
+    ):
+        super().__init__(weight)
+        self.mask_token_id = mask_token_id
+        self.special_ids = list(special_ids)
+        self.mask_prob = mask_prob
+        self.replace_probs = tuple(replace_probs)
+        self.whole_word = whole_word
+        self.num_masked = num_masked
+
+    def bind(self, backbone: Transformer) -> None:
+        self.vocab_size = backbone.config.vocab_size
+        self.head = LMHead(backbone.config, backbone.embeddings.word)
+
+    def corrupt(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
+        if self.whole_word and "word_starts" not in batch:
+            raise ValueError("whole-word masking needs word_starts in the batch; enable them in the data module")
+        corrupted, labels = mask_tokens(
+            batch["input_ids"], mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
+            special_ids=self.special_ids, mask_prob=self.mask_prob, generator=generator,
+            replace_probs=self.replace_probs, word_starts=batch.get("word_starts") if self.whole_word else None,
+            num_masked=self.num_masked, attention_mask=batch.get("attention_mask"),
+        )
+        return {**batch, "input_ids": corrupted, "mlm_labels": labels}
+
+    def forward(self, hidden_states: torch.Tensor, batch: Batch) -> ObjectiveOutput:
+        hidden, labels = gather_selected(hidden_states, batch["mlm_labels"], self.num_masked)  # (N, H), (N,)
+        logits = self.head(hidden)  # (N, V): the output layer sees the selected positions only
+        loss = token_cross_entropy(logits, labels)
+        return ObjectiveOutput(loss, accuracy_of(logits, labels), counted=(labels != IGNORE_INDEX).float())

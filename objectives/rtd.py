@@ -1,0 +1,105 @@
+"""Replaced-token detection (ELECTRA): a small generator fills the masks, the discriminator spots the replacements."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import LMHead, TokenScorer, Transformer, TransformerConfig
+from objectives.base import Batch, Objective, ObjectiveOutput, token_cross_entropy
+from objectives.masking import IGNORE_INDEX, gather_selected, mask_tokens
+
+
+def generator_config(config: TransformerConfig, size: float) -> TransformerConfig:
+    """The discriminator's config with hidden size, FFN size and heads scaled by `size` (the ELECTRA paper's
+    generator multiplier: 1/4 for small, 1/3 for base), the same depth and embedding size."""
+    hidden, heads = round(config.hidden_size * size), max(1, round(config.num_heads * size))
+    if hidden < 1 or hidden % heads:
+        raise ValueError(f"generator_size={size} gives hidden size {hidden} and {heads} heads, which do not divide; "
+                         "choose a size that keeps hidden_size * size divisible by num_heads * size")
+    return dataclasses.replace(config, hidden_size=hidden, num_heads=heads,
+                               intermediate_size=round(config.intermediate_size * size))
+
+
+class ReplacedTokenDetection(Objective):
+    """ELECTRA. The generator (owned here) is a smaller Transformer sharing the discriminator's token, position and
+    segment embeddings; its MLM loss trains it. Its samples (softmax / `temperature`, no gradient through the
+    sampling) replace the masked tokens; the discriminator (the backbone, kept for fine-tuning) labels every real
+    token as replaced or not. loss = generator MLM loss + `discriminator_weight` * discriminator loss.
+    ELECTRA masks with [MASK] 85 % of the time and keeps the token otherwise (`replace_probs`).
+    """
+
+    name = "rtd"
+    corrupts_tokens = True
+
+    def __init__(
+        self,
+        mask_token_id: int,
+        special_ids: Sequence[int],
+        generator_size: float = 0.25,
+        mask_prob: float = 0.15,
+        replace_probs: tuple[float, float, float] = (0.85, 0.0, 0.15),
+        temperature: float = 1.0,
+        discriminator_weight: float = 50.0,
+        weight: float = 1.0,
+    ):
+        super().__init__(weight)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.mask_token_id = mask_token_id
+        self.special_ids = list(special_ids)
+        self.generator_size = generator_size
+        self.mask_prob = mask_prob
+        self.replace_probs = tuple(replace_probs)
+        self.temperature = temperature
+        self.discriminator_weight = discriminator_weight
+
+    def bind(self, backbone: Transformer) -> None:
+        config = backbone.config
+        self.vocab_size = config.vocab_size
+        self.generator = Transformer(generator_config(config, self.generator_size))
+        for name, module in backbone.embeddings.named_children():  # token, position and segment embeddings:
+            if isinstance(module, nn.Embedding):  # the same modules, hence the same tensors
+                setattr(self.generator.embeddings, name, module)
+        self.generator_head = LMHead(self.generator.config, backbone.embeddings.word)
+        self.scorer = TokenScorer(config)
+
+    def corrupt(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
+        original = batch["input_ids"]
+        masked, labels = mask_tokens(
+            original, mask_token_id=self.mask_token_id, vocab_size=self.vocab_size, special_ids=self.special_ids,
+            mask_prob=self.mask_prob, generator=generator, replace_probs=self.replace_probs,
+            attention_mask=batch.get("attention_mask"),
+        )
+        hidden = self.generator(masked, attention_mask=batch.get("attention_mask"),
+                                token_type_ids=batch.get("token_type_ids"), position_ids=batch.get("position_ids"),
+                                document_ids=batch.get("document_ids"))
+        selected = labels != IGNORE_INDEX  # (B, T)
+        selected_hidden, selected_labels = gather_selected(hidden, labels)
+        logits = self.generator_head(selected_hidden).float()  # (N, V)
+        generator_loss = token_cross_entropy(logits, selected_labels)
+        with torch.no_grad():  # sampling is not differentiable: the discriminator's loss never reaches the generator
+            probabilities = torch.softmax(logits / self.temperature, dim=-1)
+            sampled = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+        corrupted = original.masked_scatter(selected, sampled)
+        replaced = corrupted != original  # a sample equal to the original counts as not replaced
+        return {**batch, "input_ids": corrupted, "rtd_labels": replaced.float(), "rtd_generator_loss": generator_loss,
+                "rtd_generator_correct": (logits.argmax(-1) == selected_labels).float().sum() / max(len(logits), 1)}
+
+    def forward(self, hidden_states: torch.Tensor, batch: Batch) -> ObjectiveOutput:
+        logits = self.scorer(hidden_states).float()  # (B, T)
+        labels = batch["rtd_labels"]
+        real = batch["attention_mask"].float() if "attention_mask" in batch else torch.ones_like(labels)
+        per_token = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        discriminator_loss = (per_token * real).sum() / real.sum()
+        loss = batch["rtd_generator_loss"] + self.discriminator_weight * discriminator_loss
+        correct = ((logits > 0).float() == labels).float().flatten()
+        return ObjectiveOutput(loss, correct, counted=real.flatten(), extra={
+            "generator_loss": batch["rtd_generator_loss"], "discriminator_loss": discriminator_loss,
+            "generator_accuracy": batch["rtd_generator_correct"],
+            "replaced_fraction": (labels * real).sum() / real.sum(),
+        })

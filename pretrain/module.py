@@ -1,0 +1,105 @@
+"""`PretrainingModule`: one backbone, weighted objectives, one backbone forward per step."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics.aggregation import MeanMetric
+
+from models import Transformer, TransformerConfig
+from objectives import Batch, Objective, ObjectiveOutput, check_combination
+from pretrain.optim import OptimizerName, ScheduleName, build_optimizer, schedule_factor
+
+BACKBONE_INPUTS = ("attention_mask", "token_type_ids", "position_ids", "document_ids")
+
+
+class PretrainingModule(pl.LightningModule):
+    """Pretrains `Transformer(backbone)` on the weighted sum of `objectives`' losses.
+
+    Each step: every objective may corrupt the batch; the backbone runs once on the corrupted batch; every
+    objective computes its loss on the shared hidden states. Logs each objective's loss and accuracy, perplexity for
+    language-model objectives, the total loss and the learning rate.
+
+    Args:
+        backbone: the model's architecture.
+        objectives: e.g. [MaskedLM(...), NextSentencePrediction()] for BERT; checked to be compatible.
+        optimizer: adamw (no decay on biases and LayerNorm weights), radam, or lamb for large batches.
+        learning_rate: the peak learning rate, reached after `warmup_steps`.
+        schedule: linear (warm-up then linear decay), cosine, inverse_sqrt or constant.
+        total_steps: the length of the decay; by default the trainer's estimated number of steps.
+    """
+
+    def __init__(
+        self,
+        backbone: TransformerConfig,
+        objectives: list[Objective],
+        optimizer: OptimizerName = "adamw",
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        schedule: ScheduleName = "linear",
+        warmup_steps: int = 10_000,
+        total_steps: int | None = None,
+    ):
+        super().__init__()
+        check_combination(objectives, backbone)
+        self.save_hyperparameters(ignore=["backbone", "objectives"])
+        self.hparams["backbone"] = dataclasses.asdict(backbone)
+        self.backbone = Transformer(backbone)
+        for objective in objectives:
+            objective.bind(self.backbone)
+        self.objectives = nn.ModuleList(objectives)
+        self.accuracy = nn.ModuleDict({
+            f"{stage}_{o.name}": MeanMetric(nan_strategy="disable") for stage in ("train", "val") for o in objectives
+        })
+
+    def forward(self, batch: Batch) -> tuple[Tensor, dict[str, ObjectiveOutput]]:
+        """The weighted total loss of one step and each objective's output."""
+        for objective in self.objectives:
+            batch = objective.corrupt(batch)
+        hidden_states = self.backbone(batch["input_ids"], **{k: batch[k] for k in BACKBONE_INPUTS if k in batch})
+        outputs = {objective.name: objective(hidden_states, batch) for objective in self.objectives}
+        total = sum(objective.weight * outputs[objective.name].loss for objective in self.objectives)
+        return total, outputs
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss, outputs = self(batch)
+        self._log_outputs("train", loss, outputs)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss, outputs = self(batch)
+        self._log_outputs("val", loss, outputs)
+        return loss
+
+    def _log_outputs(self, stage: str, loss: Tensor, outputs: dict[str, ObjectiveOutput]) -> None:
+        """Tensors only, handed to Lightning: no host sync in the step."""
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step)
+        for objective in self.objectives:
+            name, output = objective.name, outputs[objective.name]
+            self.log(f"{stage}/{name}_loss", output.loss, on_step=on_step, on_epoch=not on_step)
+            metric = self.accuracy[f"{stage}_{name}"]
+            counted = output.counted if output.counted is not None else torch.ones_like(output.correct)
+            metric(output.correct, counted)
+            self.log(f"{stage}/{name}_accuracy", metric, on_step=on_step, on_epoch=not on_step)
+            if objective.language_model:
+                self.log(f"{stage}/{name}_perplexity", output.loss.detach().exp(), on_step=on_step,
+                         on_epoch=not on_step)
+            for key, value in output.extra.items():
+                self.log(f"{stage}/{name}_{key}", value, on_step=on_step, on_epoch=not on_step)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = build_optimizer(hp.optimizer, self, hp.learning_rate, hp.weight_decay, tuple(hp.betas), hp.eps)
+        total_steps = hp.total_steps
+        if total_steps is None and hp.schedule in ("linear", "cosine"):  # only decays need the run's length
+            total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, schedule_factor(hp.schedule, hp.warmup_steps, total_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,286 @@
+"""Each objective's contract: corruption, head placement, loss, labels."""
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import Transformer
+from objectives import (
+    IGNORE_INDEX,
+    CausalLM,
+    MaskedLM,
+    NextSentencePrediction,
+    ReplacedTokenDetection,
+    SentenceOrderPrediction,
+    check_combination,
+    make_nsp_pairs,
+    swap_segments,
+)
+from tests.helpers import CLS, MASK, PAD, SEP, SPECIAL_IDS, VOCAB_SIZE, pair_batch, stream_batch, tiny_config
+
+
+def bound(objective, **config_overrides):
+    backbone = Transformer(tiny_config(**config_overrides))
+    objective.bind(backbone)
+    return backbone, objective
+
+
+# --- MLM -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_masked", [None, 3])
+def test_mlm_output_layer_sees_only_selected_positions_and_loss_matches_dense(num_masked):
+    backbone, mlm = bound(MaskedLM(MASK, SPECIAL_IDS, mask_prob=0.3, num_masked=num_masked))
+    batch = mlm.corrupt(stream_batch(4, 16), generator=torch.Generator().manual_seed(0))
+    hidden = backbone(batch["input_ids"], attention_mask=batch["attention_mask"])
+    seen = []
+    mlm.head.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    output = mlm(hidden, batch)
+    selected = (batch["mlm_labels"] != IGNORE_INDEX).sum().item()
+    expected_rows = selected if num_masked is None else 4 * num_masked
+    assert seen == [(expected_rows, VOCAB_SIZE)]
+    dense_logits = mlm.head(hidden)  # (B, T, V) everywhere: the reference
+    dense = F.cross_entropy(dense_logits.flatten(0, 1), batch["mlm_labels"].flatten(), ignore_index=IGNORE_INDEX)
+    assert torch.allclose(output.loss, dense, atol=1e-6)
+    assert output.counted.sum().item() == selected
+
+
+@pytest.mark.parametrize("make", [
+    lambda: MaskedLM(MASK, SPECIAL_IDS), lambda: MaskedLM(MASK, SPECIAL_IDS, num_masked=2),
+    lambda: ReplacedTokenDetection(MASK, SPECIAL_IDS),
+])
+def test_a_batch_with_nothing_selected_gives_zero_loss_not_nan(make):
+    backbone, objective = bound(make())
+    batch = {"input_ids": torch.tensor([[CLS, SEP, PAD, PAD]]), "attention_mask": torch.tensor([[1, 1, 0, 0]])}
+    batch = objective.corrupt(batch)
+    output = objective(backbone(batch["input_ids"], attention_mask=batch["attention_mask"]), batch)
+    if objective.name == "mlm":
+        assert output.loss.item() == 0.0
+    assert torch.isfinite(output.loss) and all(torch.isfinite(v) for v in output.extra.values())
+    output.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in backbone.parameters() if p.grad is not None)
+
+
+def test_mlm_whole_word_needs_word_starts():
+    _, mlm = bound(MaskedLM(MASK, SPECIAL_IDS, whole_word=True))
+    with pytest.raises(ValueError, match="word_starts"):
+        mlm.corrupt(stream_batch())
+
+
+# --- NSP and SOP -----------------------------------------------------------------------------------------------
+
+def test_nsp_pairs_are_balanced_and_negatives_come_from_other_documents():
+    rng = random.Random(0)
+    documents = [[[d * 1000 + s] * 3 for s in range(rng.randint(2, 12))] for d in range(2000)]
+    pairs = make_nsp_pairs(documents, rng)
+    assert len(pairs) >= 10_000
+    labels = [label for _, _, label in pairs]
+    assert abs(sum(labels) / len(labels) - 0.5) < 0.02
+    for a, b, label in pairs:
+        same_document = a[0] // 1000 == b[0] // 1000
+        assert same_document == (label == 0)
+        if label == 0:
+            assert b[0] == a[0] + 1  # the real next segment
+
+
+def test_nsp_needs_two_documents():
+    with pytest.raises(ValueError, match="two non-empty documents"):
+        make_nsp_pairs([[[5], [6]]], random.Random(0))
+
+
+def test_sop_swaps_half_of_10k_pairs():
+    _, sop = bound(SentenceOrderPrediction())
+    batch = pair_batch(10_000, 16, generator=torch.Generator().manual_seed(0))
+    corrupted = sop.corrupt(batch, generator=torch.Generator().manual_seed(1))
+    labels = corrupted["sentence_order_label"]
+    assert abs(labels.float().mean().item() - 0.5) < 0.02
+    unchanged = labels == 0
+    assert torch.equal(corrupted["input_ids"][unchanged], batch["input_ids"][unchanged])
+    assert not torch.equal(corrupted["input_ids"][~unchanged], batch["input_ids"][~unchanged])
+
+
+def test_swapped_pair_is_exactly_b_then_a_with_segment_ids():
+    a, b = [10, 11, 12], [20, 21]
+    ids = torch.tensor([[CLS, *a, SEP, *b, SEP, PAD, PAD]])
+    types = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 0, 0]])
+    new_ids, new_types = swap_segments(ids, types, (ids != PAD).long(), torch.tensor([True]))
+    assert new_ids.tolist() == [[CLS, *b, SEP, *a, SEP, PAD, PAD]]
+    assert new_types.tolist() == [[0, 0, 0, 0, 1, 1, 1, 1, 0, 0]]
+    kept_ids, kept_types = swap_segments(ids, types, (ids != PAD).long(), torch.tensor([False]))
+    assert torch.equal(kept_ids, ids) and torch.equal(kept_types, types)
+
+
+def test_swapping_twice_restores_random_pairs():
+    batch = pair_batch(200, 20, generator=torch.Generator().manual_seed(2))
+    swap = torch.ones(200, dtype=torch.bool)
+    once = swap_segments(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], swap)
+    twice = swap_segments(*once, batch["attention_mask"], swap)
+    assert torch.equal(twice[0], batch["input_ids"]) and torch.equal(twice[1], batch["token_type_ids"])
+
+
+@pytest.mark.parametrize("objective_class, label_key", [(NextSentencePrediction, "next_sentence_label"),
+                                                       (SentenceOrderPrediction, "sentence_order_label")])
+def test_pair_heads_classify_cls(objective_class, label_key):
+    backbone, objective = bound(objective_class())
+    batch = objective.corrupt(pair_batch(8, 16))
+    hidden = backbone(batch["input_ids"], attention_mask=batch["attention_mask"],
+                      token_type_ids=batch["token_type_ids"])
+    output = objective(hidden, batch)
+    logits = objective.head(hidden)
+    assert logits.shape == (8, 2)
+    assert torch.allclose(output.loss, F.cross_entropy(logits, batch[label_key]))
+    assert output.loss.item() == pytest.approx(math.log(2), abs=0.2)  # binary: ln 2 at initialisation
+
+
+# --- RTD -------------------------------------------------------------------------------------------------------
+
+def rtd_step(**kwargs):
+    backbone, rtd = bound(ReplacedTokenDetection(MASK, SPECIAL_IDS, mask_prob=0.3, **kwargs))
+    original = stream_batch(8, 16, generator=torch.Generator().manual_seed(0))
+    batch = rtd.corrupt(original, generator=torch.Generator().manual_seed(1))
+    hidden = backbone(batch["input_ids"], attention_mask=batch["attention_mask"])
+    return backbone, rtd, original, batch, rtd(hidden, batch)
+
+
+def test_rtd_labels_are_exactly_the_replaced_positions():
+    _, _, original, batch, _ = rtd_step()
+    replaced = batch["input_ids"] != original["input_ids"]
+    assert torch.equal(batch["rtd_labels"].bool(), replaced)
+    assert replaced.any() and not replaced.all()
+    assert not (replaced & (original["attention_mask"] == 0)).any()
+
+
+def test_rtd_shares_embeddings_and_sizes_the_generator():
+    backbone, rtd, *_ = rtd_step(generator_size=0.5)
+    for name in ("word", "position", "token_type"):
+        assert getattr(rtd.generator.embeddings, name).weight is getattr(backbone.embeddings, name).weight
+    assert rtd.generator_head.weight is backbone.embeddings.word.weight
+    assert rtd.generator.config.hidden_size == 32 and rtd.generator.config.num_heads == 1
+    assert rtd.generator.config.intermediate_size == 64 and rtd.generator.config.num_layers == 2
+
+
+def test_no_discriminator_gradient_reaches_the_generator():
+    backbone, rtd, _, batch, output = rtd_step()
+    output.extra["discriminator_loss"].backward()
+    generator_only = [p for n, p in rtd.generator.named_parameters() if not n.startswith("embeddings.")
+                      or n.startswith(("embeddings.norm", "embeddings.projection"))]
+    assert generator_only and all(p.grad is None for p in generator_only)
+    assert all(p.grad is None for p in rtd.generator_head.transform.parameters())
+    assert backbone.attention_layers[0].qkv.weight.grad is not None  # the discriminator did learn
+
+
+def test_rtd_loss_is_generator_plus_lambda_discriminator():
+    _, rtd, _, batch, output = rtd_step(discriminator_weight=50.0)
+    extra = output.extra
+    assert torch.allclose(output.loss, extra["generator_loss"] + 50.0 * extra["discriminator_loss"])
+    assert extra["generator_loss"].item() == pytest.approx(math.log(VOCAB_SIZE), rel=0.1)
+    assert extra["discriminator_loss"].item() == pytest.approx(math.log(2), abs=0.2)
+
+
+def test_rtd_discriminator_loss_covers_every_real_token():
+    backbone, rtd, _, batch, output = rtd_step()
+    hidden = backbone(batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = rtd.scorer(hidden)
+    real = batch["attention_mask"].bool()
+    reference = F.binary_cross_entropy_with_logits(logits[real], batch["rtd_labels"][real])
+    assert torch.allclose(output.extra["discriminator_loss"], reference, atol=1e-6)
+
+
+# --- CLM -------------------------------------------------------------------------------------------------------
+
+def test_clm_future_tokens_never_change_earlier_loss_terms():
+    backbone, clm = bound(CausalLM(), causal=True, norm_position="pre")
+    ids = torch.randint(5, VOCAB_SIZE, (2, 16))
+    changed = ids.clone()
+    changed[:, 10:] = torch.randint(5, VOCAB_SIZE, (2, 6))
+
+    def per_position(tokens):
+        logits = clm.head(backbone(tokens))[:, :-1]
+        return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")  # (B, T-1)
+
+    a, b = per_position(ids), per_position(changed)
+    assert torch.equal(a[:, :9], b[:, :9])  # terms predicting tokens 1..9 only see tokens 0..8
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_clm_initial_loss_is_near_ln_vocab():
+    backbone, clm = bound(CausalLM(), causal=True, norm_position="pre")
+    batch = stream_batch(8, 16)
+    output = clm(backbone(batch["input_ids"], attention_mask=batch["attention_mask"]), batch)
+    assert abs(output.loss.item() / math.log(VOCAB_SIZE) - 1) < 0.1
+
+
+def test_clm_ignores_padding_and_document_boundaries():
+    backbone, clm = bound(CausalLM(), causal=True, norm_position="pre")
+    ids = torch.randint(5, VOCAB_SIZE, (1, 10))
+    batch = {"input_ids": ids, "attention_mask": torch.tensor([[1] * 8 + [0] * 2]),
+             "document_ids": torch.tensor([[0] * 5 + [1] * 3 + [2] * 2])}
+    hidden = backbone(ids, attention_mask=batch["attention_mask"], document_ids=batch["document_ids"])
+    output = clm(hidden, batch)
+    # targets: positions 1..4 (doc 0) and 6..7 (doc 1); 5 starts a new document, 8 and 9 are padding
+    assert output.counted.tolist() == [1, 1, 1, 1, 0, 1, 1, 0, 0]
+    logits = clm.head(hidden)[0, :-1]
+    keep = output.counted.bool()
+    assert torch.allclose(output.loss, F.cross_entropy(logits[keep], ids[0, 1:][keep]))
+
+
+# --- Combinations ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("objectives, causal, layout, message", [
+    ([CausalLM(), MaskedLM(MASK, SPECIAL_IDS)], True, None, "clm needs causal attention and mlm needs bidirectional"),
+    ([MaskedLM(MASK, SPECIAL_IDS), ReplacedTokenDetection(MASK, SPECIAL_IDS)], False, None,
+     "mlm and rtd both rewrite the input tokens"),
+    ([NextSentencePrediction(), SentenceOrderPrediction()], False, None, "nsp and sop are both sentence-pair"),
+    ([CausalLM()], False, None, "clm needs a causal backbone"),
+    ([MaskedLM(MASK, SPECIAL_IDS)], True, None, "mlm needs a bidirectional backbone"),
+    ([MaskedLM(MASK, SPECIAL_IDS), NextSentencePrediction()], False, "stream", "nsp needs sentence-pair data"),
+    ([SentenceOrderPrediction()], False, "stream", "sop needs sentence-pair data"),
+    ([MaskedLM(MASK, SPECIAL_IDS), MaskedLM(MASK, SPECIAL_IDS)], False, None, "mlm is given twice"),
+    ([], False, None, "no objective given"),
+])
+def test_incompatible_combinations_fail_with_both_names(objectives, causal, layout, message):
+    with pytest.raises(ValueError, match=message):
+        check_combination(objectives, tiny_config(causal=causal), layout=layout)
+
+
+def test_valid_combinations_pass():
+    check_combination([MaskedLM(MASK, SPECIAL_IDS), NextSentencePrediction()], tiny_config(), layout="pairs")
+    check_combination([MaskedLM(MASK, SPECIAL_IDS), SentenceOrderPrediction()], tiny_config(), layout="pairs")
+    check_combination([ReplacedTokenDetection(MASK, SPECIAL_IDS)], tiny_config(), layout="stream")
+    check_combination([CausalLM()], tiny_config(causal=True), layout="stream")
+
+
+def test_mlm_training_matches_hugging_face_step_for_step():
+    """Same weights, same masks, same optimiser: our MLM loss curve equals BertForMaskedLM's."""
+    transformers = pytest.importorskip("transformers", reason="transformers is in the dev extras")
+    from models import from_hf
+    from models.hf import hf_config_for
+
+    hf = transformers.BertForMaskedLM(hf_config_for(tiny_config(), "bert"))
+    ours = from_hf(hf)
+    mlm = MaskedLM(MASK, SPECIAL_IDS)
+    mlm.bind(ours.backbone)
+    mlm.head = ours.heads["mlm"]  # the converted head, so both sides start from the same weights
+    batch = stream_batch(4, 16, generator=torch.Generator().manual_seed(0))
+    curves = []
+    for side in ("hf", "ours"):
+        model = hf if side == "hf" else ours
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        generator, curve = torch.Generator().manual_seed(1), []
+        for _ in range(10):
+            corrupted = mlm.corrupt(batch, generator=generator)
+            if side == "hf":
+                loss = hf(corrupted["input_ids"], attention_mask=batch["attention_mask"],
+                          labels=corrupted["mlm_labels"]).loss
+            else:
+                hidden = ours.backbone(corrupted["input_ids"], attention_mask=batch["attention_mask"])
+                loss = mlm(hidden, corrupted).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            curve.append(loss.item())
+        curves.append(curve)
+    assert curves[0] == pytest.approx(curves[1], rel=1e-4)
+    assert curves[1][-1] < curves[1][0]
