@@ -284,3 +284,19 @@ def test_mlm_training_matches_hugging_face_step_for_step():
         curves.append(curve)
     assert curves[0] == pytest.approx(curves[1], rel=1e-4)
     assert curves[1][-1] < curves[1][0]
+
+
+def test_rtd_low_temperature_samples_the_generators_argmax():
+    backbone, rtd = bound(ReplacedTokenDetection(MASK, SPECIAL_IDS, mask_prob=0.5, temperature=1e-4))
+    batch = stream_batch(4, 16, generator=torch.Generator().manual_seed(0))
+    corrupted = rtd.corrupt(batch, generator=torch.Generator().manual_seed(1))
+    # replay the same masking to see the generator's logits at the selected positions
+    from objectives import mask_tokens
+
+    masked, labels = mask_tokens(batch["input_ids"], mask_token_id=MASK, vocab_size=VOCAB_SIZE,
+                                 special_ids=SPECIAL_IDS, mask_prob=0.5, generator=torch.Generator().manual_seed(1),
+                                 replace_probs=(0.85, 0.0, 0.15), attention_mask=batch["attention_mask"])
+    hidden = rtd.generator(masked, attention_mask=batch["attention_mask"])
+    selected = labels != IGNORE_INDEX
+    argmax = rtd.generator_head(hidden[selected]).argmax(-1)
+    assert torch.equal(corrupted["input_ids"][selected], argmax)
