@@ -21,8 +21,6 @@ from objectives import CausalLM
 from pretrain.errors import UserError
 from pretrain.module import PretrainingModule
 
-BUNDLED_CORPUS = Path(__file__).parent / "data" / "tiny_shakespeare.txt"
-
 
 def read_corpus(path: Path, min_bytes: int) -> torch.Tensor:
     """The corpus as a 1-D tensor of byte ids."""

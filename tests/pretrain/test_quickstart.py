@@ -11,7 +11,8 @@ from safetensors.torch import load_model
 
 from models import LMHead, ModelWithHeads, Transformer
 from pretrain.cli import main
-from pretrain.quickstart import BUNDLED_CORPUS, quickstart_config, run
+from pretrain.data import BUNDLED_CORPUS
+from pretrain.quickstart import quickstart_config, run
 
 
 def test_bundled_corpus_ships_with_the_package():
