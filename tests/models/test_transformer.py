@@ -299,3 +299,22 @@ def test_importing_models_does_not_import_transformers_or_lightning():
     code = "import sys, models; print('transformers' in sys.modules, 'pytorch_lightning' in sys.modules)"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.split() == ["False", "False"]
+
+
+def test_rotary_angles_follow_the_formula_with_the_configured_base():
+    positions = torch.tensor([[0, 3, 17]])
+    for base in (10000.0, 500.0):
+        cos, sin = rotary_angles(positions, 8, base)  # (1, 1, 3, 8)
+        for t, pos in enumerate([0, 3, 17]):
+            for i in range(4):
+                angle = pos * base ** (-2 * i / 8)
+                for column in (i, i + 4):  # rotate-half layout: each angle serves a pair (i, i + D/2)
+                    assert cos[0, 0, t, column].item() == pytest.approx(math.cos(angle), abs=1e-5)
+                    assert sin[0, 0, t, column].item() == pytest.approx(math.sin(angle), abs=1e-5)
+    ids = torch.randint(0, 1000, (1, 12))
+    torch.manual_seed(0)
+    a = Transformer(TransformerConfig.preset("gpt2-tiny", position_embedding="rotary")).eval()
+    torch.manual_seed(0)
+    b = Transformer(TransformerConfig.preset("gpt2-tiny", position_embedding="rotary", rotary_base=50.0)).eval()
+    with torch.no_grad():
+        assert not torch.allclose(a(ids), b(ids))  # the model reads rotary_base
