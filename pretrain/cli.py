@@ -21,7 +21,33 @@ def parser() -> argparse.ArgumentParser:
     quick.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="a new or empty directory")
     quick.add_argument("--steps", type=int, default=600)
     quick.add_argument("--seed", type=int, default=0)
+
+    tokenizer = commands.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="action", required=True)
+    train = tokenizer.add_parser("train", help="train WordPiece, byte-level BPE or Unigram on a corpus")
+    train.add_argument("--corpus", nargs="+", required=True, help="files, globs or directories (text, JSONL, ...)")
+    train.add_argument("--kind", choices=["wordpiece", "bpe", "unigram"], required=True)
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--out", type=Path, required=True, help="directory for tokenizer.json (must not hold one)")
+    train.add_argument("--text-field", default="text", help="the text column of JSONL, CSV or Parquet files")
+    train.add_argument("--documents-by", choices=["paragraph", "line"], default="paragraph")
+    train.add_argument("--clean", action="store_true", help="turn HTML <br /> tags into newlines, unescape entities")
+    train.add_argument("--cased", action="store_true", help="keep case (WordPiece and Unigram lowercase by default)")
     return root
+
+
+def train_tokenizer_command(args: argparse.Namespace) -> None:
+    from pretrain.corpus import load_corpus
+    from pretrain.tokenizer import special_ids, train_tokenizer
+
+    target = args.out / "tokenizer.json"
+    if target.exists():
+        raise UserError(f"{target} already exists; choose another --out (nothing was overwritten)")
+    corpus = load_corpus(args.corpus, args.text_field, args.documents_by, args.clean)
+    tokenizer = train_tokenizer(corpus["text"], args.kind, args.vocab_size, lowercase=not args.cased)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(target))
+    print(f"saved {target}: {args.kind}, {tokenizer.get_vocab_size():,} tokens, trained on {len(corpus):,} documents; "
+          f"special ids {special_ids(tokenizer)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             from pretrain.quickstart import run  # imports torch and Lightning: only when a command runs
 
             run(args.corpus, args.out, steps=args.steps, seed=args.seed)
+        elif args.command == "tokenizer":
+            train_tokenizer_command(args)
     except UserError as error:
         if args.debug:
             raise

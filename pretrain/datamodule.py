@@ -1,0 +1,195 @@
+"""`PretrainingDataModule`: corpus files -> tokenizer -> cached (or streamed) examples -> collated batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from objectives import Batch
+from pretrain.corpus import DocumentsBy, load_corpus, resolve_files
+from pretrain.errors import UserError
+from pretrain.preprocess import (
+    build_pairs,
+    cached_arrays,
+    fingerprint,
+    pack_stream,
+    sentence_tokens,
+    tokenize,
+    tokenized_batches,
+)
+from pretrain.streaming import StreamingBlocks
+from pretrain.tokenizer import load_tokenizer, special_ids
+
+Layout = Literal["stream", "pairs"]
+
+
+def in_validation(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Whether each document index belongs to the validation split: a fixed hash of (index, seed), so the cached
+    and the streaming paths, which see documents in the same order, split them identically."""
+    hashed = (indices.astype(np.uint64) * np.uint64(2654435761) + np.uint64(seed * 97 + 13)) % np.uint64(2**32)
+    return hashed.astype(np.float64) / 2**32 < fraction
+
+
+class ArrayExamples(torch.utils.data.Dataset):
+    """Examples as rows of the cached (memory-mapped) arrays."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+
+    def __len__(self) -> int:
+        return len(self.arrays["input_ids"])
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {name: np.asarray(values[index]) for name, values in self.arrays.items()}
+
+
+def collate(examples: list[dict[str, np.ndarray]]) -> Batch:
+    """Stack examples into a batch: input_ids, attention_mask (from each example's length) and, where present,
+    document_ids, word_starts, token_type_ids, next_sentence_label."""
+    stacked = {name: torch.from_numpy(np.stack([e[name] for e in examples])) for name in examples[0]}
+    lengths, input_ids = stacked.pop("lengths"), stacked.pop("input_ids")
+    batch = {"input_ids": input_ids.long(),
+             "attention_mask": (torch.arange(input_ids.shape[1])[None] < lengths[:, None]).long()}
+    if "labels" in stacked:
+        batch["next_sentence_label"] = stacked.pop("labels").long()
+    batch.update({name: values.long() for name, values in stacked.items()})
+    return batch
+
+
+class PretrainingDataModule(pl.LightningDataModule):
+    """Batches for pretraining, from corpus files and a tokenizer.
+
+    Args:
+        files: text / JSONL / CSV / Parquet files, globs, directories, or `save_to_disk` datasets.
+        tokenizer: a tokenizer.json, vocab.txt, vocab.json (+ merges.txt), or a directory holding one.
+        layout: "stream" (packed blocks, document ids kept) or "pairs" ([CLS] A [SEP] B [SEP] for NSP/SOP).
+        max_length: tokens per example.
+        pair_task: with "pairs": "nsp" draws half of the B segments from another document; "sop" keeps A and B
+            consecutive (the SOP objective swaps them).
+        cls_first: with "stream": every block starts with [CLS] (BERT, RoBERTa, ELECTRA); False for GPT.
+        word_starts: also give word-start flags (for whole-word masking).
+        validation_files / validation_fraction: the validation split: separate files, or a fraction of documents.
+        streaming: read, tokenize and pack on the fly (corpora larger than memory; "stream" layout only).
+    """
+
+    def __init__(
+        self,
+        files: list[str],
+        tokenizer: str,
+        layout: Layout = "stream",
+        max_length: int = 128,
+        batch_size: int = 32,
+        pair_task: Literal["nsp", "sop"] = "nsp",
+        cls_first: bool = True,
+        word_starts: bool = False,
+        short_seq_prob: float = 0.1,
+        validation_files: list[str] | None = None,
+        validation_fraction: float = 0.01,
+        text_field: str = "text",
+        documents_by: DocumentsBy = "paragraph",
+        clean: bool = False,
+        streaming: bool = False,
+        num_workers: int = 0,
+        num_proc: int | None = None,
+        cache_dir: str = ".cache/pretrain",
+        seed: int = 0,
+    ):
+        super().__init__()
+        if streaming and layout != "stream":
+            raise UserError("streaming supports the 'stream' layout only; use layout: stream or streaming: false")
+        if not 0.0 <= validation_fraction < 1.0:
+            raise UserError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.special = special_ids(self.tokenizer)
+        if self.special.sep is None and self.special.eos is None:
+            raise UserError(f"the tokenizer {tokenizer} has no separator token ([SEP], </s> or <|endoftext|>)")
+        self.datasets: dict[str, torch.utils.data.Dataset] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if self.datasets:
+            return
+        if hp.validation_files:
+            self.datasets["train"] = self._examples(hp.files, "all")
+            self.datasets["val"] = self._examples(hp.validation_files, "all")
+        else:
+            self.datasets["train"] = self._examples(hp.files, "train")
+            if hp.validation_fraction > 0:
+                self.datasets["val"] = self._examples(hp.files, "val")
+
+    def _examples(self, files: list[str], split: str) -> torch.utils.data.Dataset:
+        hp = self.hparams
+        settings = {k: hp[k] for k in ("layout", "max_length", "pair_task", "cls_first", "word_starts",
+                                       "short_seq_prob", "validation_fraction", "text_field", "documents_by",
+                                       "clean", "seed")} | {"split": split}
+        if hp.streaming:
+            return StreamingBlocks(self._documents(files, split, streaming=True), self.tokenizer, hp.max_length,
+                                   self._separator(), self._cls(), hp.word_starts)
+        key = fingerprint(resolve_files(files), self.tokenizer, settings)
+        return ArrayExamples(cached_arrays(Path(hp.cache_dir), key, lambda: self._build(files, split)))
+
+    def _documents(self, files: list[str], split: str, streaming: bool = False):
+        hp = self.hparams
+        corpus = load_corpus(files, hp.text_field, hp.documents_by, hp.clean, streaming=streaming)
+        if split == "all" or hp.validation_fraction == 0:
+            return corpus
+        keep_validation = split == "val"
+        return corpus.filter(
+            lambda _, indices: list(in_validation(np.array(indices), hp.validation_fraction, hp.seed)
+                                    == keep_validation), with_indices=True, batched=True)
+
+    def _build(self, files: list[str], split: str) -> dict[str, np.ndarray]:
+        hp = self.hparams
+        documents = self._documents(files, split)
+        if len(documents) == 0:
+            raise UserError(f"the {split} split is empty: lower validation_fraction or add documents")
+        if hp.layout == "stream":
+            tokenized = tokenize(documents, self.tokenizer, hp.word_starts, hp.num_proc)
+            return pack_stream(tokenized_batches(tokenized), hp.max_length, self._separator(), self._cls())
+        if self.special.cls is None or self.special.pad is None:
+            raise UserError("the pairs layout needs [CLS] and [PAD] tokens (or <s> and <pad>) in the tokenizer")
+        return build_pairs(sentence_tokens(documents, self.tokenizer, hp.num_proc), hp.max_length,
+                           self.special.cls, self._separator(), self.special.pad, hp.pair_task, hp.short_seq_prob,
+                           hp.seed)
+
+    def _separator(self) -> int:
+        return self.special.sep if self.special.sep is not None else self.special.eos
+
+    def _cls(self) -> int | None:
+        if not self.hparams.cls_first:
+            return None
+        if self.special.cls is None:
+            raise UserError("cls_first needs a [CLS] (or <s>) token; set cls_first: false for GPT-style tokenizers")
+        return self.special.cls
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader("train", shuffle=not self.hparams.streaming)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader("val", shuffle=False) if "val" in self.datasets else []
+
+    def _loader(self, split: str, shuffle: bool) -> torch.utils.data.DataLoader:
+        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        return torch.utils.data.DataLoader(
+            self.datasets[split], batch_size=self.hparams.batch_size, shuffle=shuffle, generator=generator,
+            collate_fn=collate, num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def state_dict(self) -> dict:
+        """The streaming position, saved in Lightning checkpoints for exact resume."""
+        train = self.datasets.get("train")
+        return {"train": train.state_dict()} if isinstance(train, StreamingBlocks) else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "train" in state:
+            self.setup()
+            self.datasets["train"].load_state_dict(state["train"])

@@ -1,0 +1,77 @@
+"""Streaming examples for corpora larger than memory or disk cache: read, tokenize and pack on the fly, sharded by
+rank and by dataloader worker, with a position that can be saved and restored."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from pretrain.preprocess import StreamPacker, token_columns
+
+
+def shard() -> tuple[int, int]:
+    """(this reader's index, number of readers) over distributed ranks x dataloader workers."""
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    worker = torch.utils.data.get_worker_info()
+    workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+    return rank * workers + worker_id, world * workers
+
+
+class StreamingBlocks(torch.utils.data.IterableDataset):
+    """The "stream" layout's blocks in the same order as the cached path, computed on the fly from `documents`
+    (an iterable of {"text": ...}). Block k goes to reader k mod readers. `state_dict()` holds the index of the next
+    block; after `load_state_dict`, iteration continues from there (earlier blocks are re-read and skipped)."""
+
+    def __init__(self, documents, tokenizer: Tokenizer, max_length: int, sep_id: int, cls_id: int | None,
+                 word_starts: bool = False, read_batch: int = 1000):
+        self.documents, self.tokenizer = documents, tokenizer
+        self.max_length, self.sep_id, self.cls_id = max_length, sep_id, cls_id
+        self.word_starts, self.read_batch = word_starts, read_batch
+        self.position = 0  # index of the next block to hand out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = int(state["position"])
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        reader, readers = shard()
+        for index, example in enumerate(self._all_blocks()):
+            if index >= self.position and index % readers == reader:
+                self.position = index + 1
+                yield example
+
+    def _all_blocks(self) -> Iterator[dict[str, np.ndarray]]:
+        packer = StreamPacker(self.max_length, self.sep_id, self.cls_id)
+        texts: list[str] = []
+        for document in self.documents:
+            texts.append(document["text"])
+            if len(texts) == self.read_batch:
+                yield from self._rows(packer.add(self._batch(texts)))
+                texts = []
+        if texts:
+            yield from self._rows(packer.add(self._batch(texts)))
+        last = packer.finish()
+        if last:
+            length = last["input_ids"].shape[1]
+            padded = {name: np.pad(values, ((0, 0), (0, self.max_length - length)),
+                                   constant_values=self.sep_id if name == "input_ids" else 0)
+                      for name, values in last.items()}
+            yield from self._rows(padded, length)
+
+    def _batch(self, texts: list[str]) -> dict[str, np.ndarray]:
+        columns = token_columns(self.tokenizer, texts, self.word_starts)
+        flat = {name: np.fromiter((t for doc in docs for t in doc), dtype=np.int32) for name, docs in columns.items()}
+        return flat | {"lengths": np.array([len(ids) for ids in columns["input_ids"]])}
+
+    def _rows(self, blocks: dict[str, np.ndarray], length: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        for row in range(len(blocks["input_ids"])):
+            example = {name: values[row] for name, values in blocks.items()}
+            example["lengths"] = np.int32(length or self.max_length)
+            yield example

@@ -1,0 +1,155 @@
+"""Tokenizers with the `tokenizers` library: train WordPiece (BERT), byte-level BPE (GPT-2/RoBERTa) or Unigram
+(ALBERT, SentencePiece-style) with the family's special tokens and post-processor; load a `tokenizer.json`, a BERT
+`vocab.txt`, or GPT-2's `vocab.json` + `merges.txt`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from pretrain.errors import UserError
+
+TokenizerKind = Literal["wordpiece", "bpe", "unigram"]
+
+# Each kind's special tokens, in id order (0, 1, ...), and the role each plays.
+SPECIAL_TOKENS: dict[str, dict[str, str]] = {
+    "wordpiece": {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"},
+    "bpe": {"cls": "<s>", "pad": "<pad>", "sep": "</s>", "unk": "<unk>", "mask": "<mask>"},
+    "unigram": {"pad": "<pad>", "unk": "<unk>", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"},
+}
+# Token strings by role, to find the roles in a tokenizer trained elsewhere (first match wins).
+ROLE_CANDIDATES = {
+    "pad": ("[PAD]", "<pad>"), "unk": ("[UNK]", "<unk>"), "cls": ("[CLS]", "<s>"), "sep": ("[SEP]", "</s>"),
+    "mask": ("[MASK]", "<mask>"), "eos": ("</s>", "<|endoftext|>", "[SEP]"),
+}
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """Ids of the special tokens a layout and the objectives need; None where the tokenizer has no such token."""
+
+    pad: int | None
+    unk: int | None
+    cls: int | None
+    sep: int | None
+    mask: int | None
+    eos: int | None
+
+    def all(self) -> list[int]:
+        return sorted({i for i in (self.pad, self.unk, self.cls, self.sep, self.mask, self.eos) if i is not None})
+
+
+def special_ids(tokenizer: Tokenizer) -> SpecialIds:
+    found = {}
+    for role, candidates in ROLE_CANDIDATES.items():
+        found[role] = next((tokenizer.token_to_id(t) for t in candidates if tokenizer.token_to_id(t) is not None), None)
+    return SpecialIds(**found)
+
+
+def _post_processor(kind: str, tokenizer: Tokenizer) -> processors.PostProcessor:
+    cls, sep = SPECIAL_TOKENS[kind]["cls"], SPECIAL_TOKENS[kind]["sep"]
+    ids = [(cls, tokenizer.token_to_id(cls)), (sep, tokenizer.token_to_id(sep))]
+    if kind == "bpe":  # RoBERTa's pair template: <s> A </s></s> B </s>
+        return processors.TemplateProcessing(single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} {sep} $B:1 {sep}:1",
+                                             special_tokens=ids)
+    return processors.TemplateProcessing(single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+                                         special_tokens=ids)
+
+
+def new_tokenizer(kind: TokenizerKind, lowercase: bool = True) -> tuple[Tokenizer, trainers.Trainer]:
+    """An untrained tokenizer of `kind` with its normaliser, pre-tokenizer and decoder, and its trainer's class."""
+    if kind == "wordpiece":
+        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece()
+        return tokenizer, trainers.WordPieceTrainer
+    if kind == "bpe":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        return tokenizer, trainers.BpeTrainer
+    if kind == "unigram":
+        tokenizer = Tokenizer(models.Unigram())
+        steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
+        tokenizer.normalizer = normalizers.Sequence(steps)
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        tokenizer.decoder = decoders.Metaspace()
+        return tokenizer, trainers.UnigramTrainer
+    raise UserError(f"unknown tokenizer kind {kind!r}; choose wordpiece, bpe or unigram")
+
+
+def train_tokenizer(texts: Iterable[str], kind: TokenizerKind, vocab_size: int, lowercase: bool = True,
+                    min_frequency: int = 2) -> Tokenizer:
+    """Train a tokenizer of `kind` on an iterator of texts; special tokens get ids 0..4 (see SPECIAL_TOKENS)."""
+    if vocab_size < 100:
+        raise UserError(f"--vocab-size {vocab_size} is too small; use at least 100 (BERT uses 30522)")
+    tokenizer, trainer_class = new_tokenizer(kind, lowercase)
+    specials = list(SPECIAL_TOKENS[kind].values())
+    if kind == "wordpiece":
+        trainer = trainer_class(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials)
+    elif kind == "bpe":
+        trainer = trainer_class(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        trainer = trainer_class(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>")
+    tokenizer.train_from_iterator(_non_empty(texts), trainer=trainer)
+    if tokenizer.get_vocab_size() <= len(specials):
+        raise UserError("the corpus yielded no vocabulary: is it empty?")
+    tokenizer.post_processor = _post_processor(kind, tokenizer)
+    return tokenizer
+
+
+def _non_empty(texts: Iterable[str]) -> Iterator[str]:
+    count = 0
+    for text in texts:
+        if text.strip():
+            count += 1
+            yield text
+    if count == 0:
+        raise UserError("the corpus is empty: no text to train the tokenizer on")
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A `tokenizer.json`, a BERT `vocab.txt`, GPT-2's `vocab.json` (with `merges.txt` beside it), or a directory
+    holding one of these."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("tokenizer.json", "vocab.txt", "vocab.json"):
+            if (path / name).is_file():
+                return load_tokenizer(path / name)
+        raise UserError(f"no tokenizer found in {path}: expected tokenizer.json, vocab.txt or vocab.json + merges.txt")
+    if not path.is_file():
+        raise UserError(f"tokenizer not found: {path}")
+    if path.suffix == ".json" and path.name != "vocab.json":
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as error:  # the library's message names the broken field
+            raise UserError(f"{path} is not a valid tokenizer.json: {error}") from error
+    if path.name.endswith(".txt"):  # BERT's vocab.txt: one WordPiece token per line
+        tokenizer = Tokenizer(models.WordPiece.from_file(str(path), unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece()
+        tokenizer.post_processor = _post_processor("wordpiece", tokenizer)
+        return tokenizer
+    merges = path.with_name("merges.txt")
+    if not merges.is_file():
+        raise UserError(f"{path} needs merges.txt beside it (GPT-2's byte-level BPE)")
+    tokenizer = Tokenizer(models.BPE.from_file(str(path), str(merges)))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def check_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> None:
+    """The model's embedding table must cover every id the tokenizer can produce."""
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise UserError(
+            f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is {vocab_size}; "
+            f"set the model's vocab_size to at least {tokenizer.get_vocab_size()} or use the matching tokenizer"
+        )

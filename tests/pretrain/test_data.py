@@ -1,0 +1,291 @@
+"""Tokenizers, corpus reading, packing, pairs, the cache, streaming and the data module (issue 4)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.corpus import load_corpus
+from pretrain.datamodule import PretrainingDataModule, collate, in_validation
+from pretrain.errors import UserError
+from pretrain.preprocess import build_pairs, fingerprint, pack_stream
+from pretrain.tokenizer import check_vocabulary, load_tokenizer, special_ids, train_tokenizer
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "pretrain" / "data" / "tiny_shakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    train_tokenizer(SHAKESPEARE.read_text().split("\n\n"), "wordpiece", 1000).save(str(path))
+    return path
+
+
+def write_documents(path: Path, documents: list[str]) -> Path:
+    path.write_text("\n\n".join(documents) + "\n")
+    return path
+
+
+# --- tokenizers -----------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not (SHARED / "wikitext-2").is_dir(), reason="needs ../shared/data (present on CI)")
+def test_wordpiece_on_wikitext_has_few_unknowns():
+    train = (SHARED / "wikitext-2" / "wiki.train.tokens").read_text().split("\n")
+    tokenizer = train_tokenizer(train, "wordpiece", 30000)
+    valid = [line for line in (SHARED / "wikitext-2" / "wiki.valid.tokens").read_text().split("\n") if line.strip()]
+    ids = [i for encoding in tokenizer.encode_batch(valid, add_special_tokens=False) for i in encoding.ids]
+    unknown = ids.count(special_ids(tokenizer).unk) / len(ids)
+    assert tokenizer.get_vocab_size() == 30000 and unknown < 0.005
+
+
+@pytest.mark.parametrize("kind, cls, sep", [("wordpiece", "[CLS]", "[SEP]"), ("bpe", "<s>", "</s>"),
+                                            ("unigram", "[CLS]", "[SEP]")])
+def test_each_kind_trains_saves_and_loads(tmp_path, kind, cls, sep):
+    tokenizer = train_tokenizer(SHAKESPEARE.read_text().split("\n\n"), kind, 800)
+    assert 700 <= tokenizer.get_vocab_size() <= 800
+    ids = special_ids(tokenizer)
+    assert ids.all() == [0, 1, 2, 3, 4]  # the five special tokens come first
+    encoding = tokenizer.encode("Before we proceed any further", "hear me speak")
+    assert encoding.tokens[0] == cls and encoding.tokens[-1] == sep and 1 in encoding.type_ids
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.encode("Speak, speak.").ids == tokenizer.encode("Speak, speak.").ids
+    text = "First Citizen: before we proceed"
+    assert load_tokenizer(tmp_path).decode(loaded.encode(text).ids).lower().replace(" ", "") == \
+        text.lower().replace(" ", "")
+
+
+def test_loads_bert_vocab_txt_and_gpt2_vocab_and_merges(tmp_path):
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world",
+                                                   "##s"]) + "\n")
+    bert = load_tokenizer(tmp_path / "vocab.txt")
+    assert bert.encode("Hello worlds").tokens == ["[CLS]", "hello", "world", "##s", "[SEP]"]
+    gpt = tmp_path / "gpt"
+    gpt.mkdir()
+    (gpt / "vocab.json").write_text(json.dumps({"h": 0, "i": 1, "hi": 2, "Ġ": 3, "Ġhi": 4, "<|endoftext|>": 5}))
+    (gpt / "merges.txt").write_text("#version: 0.2\nh i\nĠ hi\n")
+    tokenizer = load_tokenizer(gpt)
+    assert tokenizer.encode("hi hi").ids == [2, 4]
+    assert special_ids(tokenizer).eos == 5
+
+
+def test_vocabulary_mismatch_is_a_clear_error(tokenizer_path):
+    tokenizer = load_tokenizer(tokenizer_path)
+    check_vocabulary(tokenizer, 1000)
+    with pytest.raises(UserError, match="the tokenizer has 1000 tokens but the model's vocab_size is 500"):
+        check_vocabulary(tokenizer, 500)
+
+
+# --- corpus reading -------------------------------------------------------------------------------------------
+
+def test_reads_text_jsonl_csv_parquet_and_saved_datasets(tmp_path):
+    import datasets
+
+    write_documents(tmp_path / "a.txt", ["one two.\nstill one.", "three"])
+    (tmp_path / "b.jsonl").write_text('{"body": "four <br />five", "id": 1}\n{"body": "six", "id": 2}\n')
+    (tmp_path / "c.csv").write_text("id,body\n1,seven\n2,eight\n")
+    datasets.Dataset.from_dict({"body": ["nine"]}).to_parquet(str(tmp_path / "d.parquet"))
+    datasets.Dataset.from_dict({"body": ["ten"]}).save_to_disk(str(tmp_path / "saved"))
+    assert load_corpus([tmp_path / "a.txt"])["text"] == ["one two.\nstill one.", "three"]
+    assert load_corpus([tmp_path / "a.txt"], documents_by="line")["text"] == ["one two.", "still one.", "three"]
+    assert load_corpus([tmp_path / "b.jsonl"], text_field="body", clean=True)["text"] == ["four \nfive", "six"]
+    other = [tmp_path / "c.csv", tmp_path / "d.parquet", tmp_path / "saved"]
+    assert load_corpus(other, text_field="body")["text"] == ["seven", "eight", "nine", "ten"]
+    assert len(load_corpus([str(tmp_path / "*.txt")])) == 2  # globs
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: [d / "missing.txt"], "corpus path not found"),
+    (lambda d: [str(d / "*.nothing")], "matches no file"),
+    (lambda d: [write_documents(d / "empty.txt", ["", "  "])], "the corpus is empty"),
+    (lambda d: [d / "rows.jsonl"], "has no field 'text'"),
+])
+def test_bad_corpus_input_is_one_clear_error(tmp_path, make, message):
+    (tmp_path / "rows.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(UserError, match=message):
+        load_corpus(make(tmp_path))
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"good text\n\nbad \xff\xfe bytes\n")
+    with pytest.warns(UserWarning, match="2 invalid UTF-8 byte sequences"):
+        corpus = load_corpus([tmp_path / "bad.txt"])
+    assert corpus["text"][1] == "bad \ufffd\ufffd bytes"
+
+
+def test_cli_errors_have_no_traceback(tmp_path):
+    process = subprocess.run([sys.executable, "-m", "pretrain.cli", "tokenizer", "train", "--corpus",
+                              str(tmp_path / "*.txt"), "--kind", "bpe", "--vocab-size", "500", "--out",
+                              str(tmp_path / "out")], capture_output=True, text=True)
+    assert process.returncode == 2 and "matches no file" in process.stderr and "Traceback" not in process.stderr
+
+
+# --- the stream layout ----------------------------------------------------------------------------------------
+
+def batches_of(documents: list[list[int]], size: int):
+    for start in range(0, len(documents), size):
+        chunk = documents[start:start + size]
+        yield {"input_ids": np.array([t for d in chunk for t in d], np.int32),
+               "lengths": np.array([len(d) for d in chunk])}
+
+
+@pytest.mark.parametrize("cls_id", [None, 1])
+def test_packing_is_exact(cls_id):
+    rng = np.random.default_rng(0)
+    documents = [list(rng.integers(10, 100, rng.integers(1, 40))) for _ in range(300)]
+    blocks = pack_stream(batches_of(documents, 7), 32, sep_id=2, cls_id=cls_id)
+    lengths = blocks["lengths"]
+    assert (lengths[:-1] == 32).all() and 0 < lengths[-1] <= 32
+    content = [row[(cls_id is not None):length] for row, length in zip(blocks["input_ids"], lengths, strict=True)]
+    if cls_id is not None:
+        assert (blocks["input_ids"][:, 0] == cls_id).all()
+    assert np.concatenate(content).tolist() == [t for d in documents for t in [*d, 2]]  # the tokenized corpus
+    documents_of = np.concatenate([row[(cls_id is not None):length]
+                                   for row, length in zip(blocks["document_ids"], lengths, strict=True)])
+    assert documents_of.tolist() == [i for i, d in enumerate(documents) for _ in range(len(d) + 1)]
+
+
+def test_first_tokens_of_a_block_keep_their_document():
+    blocks = pack_stream(batches_of([[10, 11, 12], [20, 21], [30, 31, 32, 33, 34], [40]], 2), 5, 2, 1)
+    assert blocks["input_ids"].tolist() == [[1, 10, 11, 12, 2], [1, 20, 21, 2, 30], [1, 31, 32, 33, 34],
+                                            [1, 2, 40, 2, 2]]
+    assert blocks["document_ids"].tolist() == [[0, 0, 0, 0, 0], [1, 1, 1, 1, 2], [2, 2, 2, 2, 2], [2, 2, 3, 3, 0]]
+    assert blocks["lengths"].tolist() == [5, 5, 5, 4]
+
+
+# --- the pairs layout -----------------------------------------------------------------------------------------
+
+def test_pairs_follow_the_rules():
+    rng = np.random.default_rng(0)
+    # token t of document d is d * 1000 + sentence * 10 + position, so every token names its document
+    documents = [[[d * 1000 + s * 10 + p for p in range(rng.integers(2, 9))] for s in range(rng.integers(1, 15))]
+                 for d in range(1, 5000)]
+    pairs = build_pairs(documents, 24, cls_id=1, sep_id=2, pad_id=0, task="nsp", seed=0)
+    labels = pairs["labels"]
+    assert len(labels) >= 10_000 and abs(labels.mean() - 0.5) < 0.02
+    assert (pairs["lengths"] <= 24).all() and pairs["input_ids"].shape[1] == 24
+    for ids, types, length, label in zip(pairs["input_ids"], pairs["token_type_ids"], pairs["lengths"], labels,
+                                         strict=True):
+        ids, types = ids[:length], types[:length]
+        assert ids[0] == 1 and ids[-1] == 2 and (ids[length:] == 0).all()
+        a, b = ids[1:-1][types[1:-1] == 0][:-1], ids[types == 1][:-1]
+        assert len(a) and len(b)
+        a_documents, b_documents = set(a // 1000), set(b // 1000)
+        assert len(a_documents) == 1 and len(b_documents) == 1
+        assert (a_documents == b_documents) == (label == 0)
+
+
+def test_sop_pairs_are_consecutive():
+    documents = [[[d * 1000 + s * 10 + p for p in range(5)] for s in range(6)] for d in range(1, 50)]
+    pairs = build_pairs(documents, 40, cls_id=1, sep_id=2, pad_id=0, task="sop", short_seq_prob=0.0, seed=0)
+    assert (pairs["labels"] == 0).all()
+    for ids, types, length in zip(pairs["input_ids"], pairs["token_type_ids"], pairs["lengths"], strict=True):
+        a, b = ids[1:length][types[1:length] == 0][:-1], ids[:length][types[:length] == 1][:-1]
+        assert a[-1] < b[0] and set(a // 1000) == set(b // 1000)  # A comes right before B in one document
+
+
+# --- cache, streaming, data module ----------------------------------------------------------------------------
+
+def module(corpus, tokenizer_path, tmp_path, **kwargs):
+    options = dict(max_length=32, batch_size=4, cache_dir=str(tmp_path / "cache"), validation_fraction=0.1)
+    return PretrainingDataModule([str(corpus)], str(tokenizer_path), **{**options, **kwargs})
+
+
+def test_second_run_tokenizes_nothing_and_inputs_change_the_fingerprint(tmp_path, tokenizer_path, monkeypatch):
+    corpus = write_documents(tmp_path / "corpus.txt", [f"document number {i}. it has words." for i in range(50)])
+    first = module(corpus, tokenizer_path, tmp_path)
+    first.setup()
+    import pretrain.datamodule as datamodule
+
+    def fail(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(datamodule, "tokenize", fail)
+    second = module(corpus, tokenizer_path, tmp_path)
+    second.setup()
+    assert np.array_equal(first.datasets["train"].arrays["input_ids"], second.datasets["train"].arrays["input_ids"])
+    tokenizer = load_tokenizer(tokenizer_path)
+    key = fingerprint([corpus], tokenizer, {"max_length": 32})
+    other = tmp_path / "other.json"
+    train_tokenizer(["completely different text here"] * 10, "wordpiece", 200).save(str(other))
+    assert fingerprint([corpus], load_tokenizer(other), {"max_length": 32}) != key
+    assert fingerprint([corpus], tokenizer, {"max_length": 64}) != key
+    corpus.write_text(corpus.read_text() + "\n\none more document.\n")
+    assert fingerprint([corpus], tokenizer, {"max_length": 32}) != key
+
+
+def test_interrupted_cache_is_not_trusted(tmp_path, tokenizer_path):
+    from pretrain.preprocess import cached_arrays
+
+    def broken():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cached_arrays(tmp_path, "key", broken)
+    calls = []
+    arrays = cached_arrays(tmp_path, "key", lambda: calls.append(1) or {"x": np.arange(3)})
+    assert calls == [1] and arrays["x"].tolist() == [0, 1, 2]
+    (tmp_path / "half").mkdir()  # a directory without its COMPLETE marker is rebuilt
+    (tmp_path / "half" / "x.npy").write_bytes(b"garbage")
+    assert cached_arrays(tmp_path, "half", lambda: {"x": np.arange(2)})["x"].tolist() == [0, 1]
+
+
+def test_streaming_matches_the_cached_path_and_resumes(tmp_path, tokenizer_path):
+    corpus = write_documents(tmp_path / "corpus.txt", [f"story {i}: " + "the cat sat on the mat. " * (i % 7 + 1)
+                                                       for i in range(120)])
+    cached = module(corpus, tokenizer_path, tmp_path, word_starts=True)
+    streamed = module(corpus, tokenizer_path, tmp_path, word_starts=True, streaming=True)
+    cached.setup()
+    streamed.setup()
+    examples = list(streamed.datasets["train"])
+    assert len(examples) == len(cached.datasets["train"]) > 10
+    for streamed_example, index in zip(examples, range(len(examples)), strict=True):
+        for name in ("input_ids", "document_ids", "word_starts", "lengths"):
+            assert np.array_equal(streamed_example[name], cached.datasets["train"][index][name]), name
+    stream = module(corpus, tokenizer_path, tmp_path, streaming=True)
+    stream.setup()
+    iterator = iter(stream.datasets["train"])
+    for _ in range(5):
+        next(iterator)
+    state = stream.state_dict()
+    resumed = module(corpus, tokenizer_path, tmp_path, streaming=True)
+    resumed.load_state_dict(state)
+    assert np.array_equal(next(iter(resumed.datasets["train"]))["input_ids"], examples[5]["input_ids"])
+
+
+def test_datamodule_batches_for_each_layout(tmp_path, tokenizer_path):
+    corpus = write_documents(tmp_path / "corpus.txt", [f"Sentence one of {i}. Sentence two here. And a third one."
+                                                       for i in range(80)])
+    stream = module(corpus, tokenizer_path, tmp_path)
+    stream.setup()
+    batch = next(iter(stream.train_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "document_ids"} and batch["input_ids"].shape == (4, 32)
+    pairs = module(corpus, tokenizer_path, tmp_path, layout="pairs")
+    pairs.setup()
+    batch = next(iter(pairs.train_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "next_sentence_label"}
+    assert len(pairs.val_dataloader()) > 0
+
+
+def test_validation_split_is_a_stable_fraction(tmp_path, tokenizer_path):
+    chosen = in_validation(np.arange(100_000), 0.05, seed=3)
+    assert abs(chosen.mean() - 0.05) < 0.005
+    assert np.array_equal(chosen, in_validation(np.arange(100_000), 0.05, seed=3))
+    corpus = write_documents(tmp_path / "corpus.txt", [f"doc {i} words words words." for i in range(200)])
+    separate = write_documents(tmp_path / "valid.txt", ["held out text."] * 3)
+    data = module(corpus, tokenizer_path, tmp_path, validation_files=[str(separate)])
+    data.setup()
+    assert len(data.datasets["val"]) == 1
+
+
+def test_collate_masks_the_padding_of_a_short_last_block():
+    examples = [{"input_ids": np.array([5, 6, 7, 2]), "lengths": np.int32(4)},
+                {"input_ids": np.array([8, 2, 2, 2]), "lengths": np.int32(2)}]
+    batch = collate(examples)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch["input_ids"].dtype == torch.long
