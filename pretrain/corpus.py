@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import datasets
+import pyarrow.compute
 
 from pretrain.errors import UserError
 
@@ -59,9 +60,12 @@ def load_corpus(
     clean: bool = False,
     cache_dir: str | Path | None = None,
     streaming: bool = False,
+    drop_empty: bool = True,
 ) -> datasets.Dataset | datasets.IterableDataset:
-    """One `datasets.Dataset` with a single "text" column, a document per row, empty documents dropped; with
-    `streaming`, an `IterableDataset` that reads the files lazily, in the same order, with the same documents.
+    """One `datasets.Dataset` with a single "text" column, a document per row; with `streaming`, an
+    `IterableDataset` that reads the files lazily, in the same order, with the same documents. Empty documents are
+    dropped (and an empty corpus refused) unless `drop_empty=False`: the packer skips them for free, a filter pass
+    over a large corpus is not free.
 
     Text files give a document per blank-line-separated block (`documents_by="paragraph"`) or per line; JSONL, CSV
     (TSV) and Parquet files give a document per row from `text_field`; a directory written by `save_to_disk` gives its
@@ -69,18 +73,21 @@ def load_corpus(
     """
     files = resolve_files(patterns)
     parts = [_load_one(path, text_field, documents_by, cache_dir, streaming) for path in files]
-    if len(parts) > 1:  # formats disagree on string vs large_string; one type lets them concatenate
+    if len({str(part.features["text"]) if part.features else None for part in parts}) > 1:
+        # formats disagree on string vs large_string; one type lets them concatenate
         parts = [part.cast_column("text", datasets.Value("large_string")) for part in parts]
     corpus = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if clean:
         corpus = corpus.map(lambda batch: {"text": [clean_text(t) for t in batch["text"]]}, batched=True)
-    corpus = corpus.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+    if drop_empty:
+        corpus = corpus.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
     if streaming:
         return corpus
-    if len(corpus) == 0:
+    if drop_empty and len(corpus) == 0:
         raise UserError(f"the corpus is empty: {', '.join(map(str, patterns))} holds no text")
     if any(FORMATS.get(path.suffix.lower(), "text") == "text" for path in files):
-        replaced = sum(text.count(REPLACEMENT) for text in corpus["text"])
+        column = corpus.data.column("text")  # counted in Arrow, without making Python strings
+        replaced = pyarrow.compute.sum(pyarrow.compute.count_substring(column, REPLACEMENT)).as_py() or 0
         if replaced:
             warnings.warn(f"{replaced} invalid UTF-8 byte sequences in the corpus were replaced by {REPLACEMENT!r}",
                           stacklevel=2)

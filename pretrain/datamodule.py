@@ -101,6 +101,9 @@ class PretrainingDataModule(pl.LightningDataModule):
         super().__init__()
         if streaming and layout != "stream":
             raise UserError("streaming supports the 'stream' layout only; use layout: stream or streaming: false")
+        if word_starts and layout != "stream":
+            raise UserError("word_starts (whole-word masking) comes with the 'stream' layout only; "
+                            "set word_starts: false or layout: stream")
         if not 0.0 <= validation_fraction < 1.0:
             raise UserError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
         self.save_hyperparameters()
@@ -139,7 +142,8 @@ class PretrainingDataModule(pl.LightningDataModule):
 
     def _documents(self, files: list[str], split: str, streaming: bool = False):
         hp = self.hparams
-        corpus = load_corpus(files, hp.text_field, hp.documents_by, hp.clean, streaming=streaming)
+        corpus = load_corpus(files, hp.text_field, hp.documents_by, hp.clean, Path(hp.cache_dir) / "datasets",
+                             streaming=streaming, drop_empty=False)  # the packer skips empty documents
         if split == "all" or hp.validation_fraction == 0:
             return corpus
         keep_validation = split == "val"

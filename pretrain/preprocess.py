@@ -71,10 +71,13 @@ def token_columns(tokenizer: Tokenizer, texts: list[str], word_starts: bool) -> 
 
 def tokenize(corpus: datasets.Dataset, tokenizer: Tokenizer, word_starts: bool = False,
              num_proc: int | None = None) -> datasets.Dataset:
-    """Token ids of every document (datasets.map, batched, in `num_proc` processes), kept in memory."""
+    """Token ids of every document (datasets.map, batched, in `num_proc` processes). The result is written as
+    Arrow beside the corpus's own cache files (memory-mapped; nothing is pickled back from the workers)."""
+    key = hashlib.sha256(tokenizer.to_str().encode() + bytes([word_starts])).hexdigest()[:16]
     return corpus.map(
         lambda batch: token_columns(tokenizer, batch["text"], word_starts), batched=True, batch_size=1000,
-        num_proc=num_proc, remove_columns=corpus.column_names, keep_in_memory=True, desc="Tokenizing",
+        num_proc=num_proc, remove_columns=corpus.column_names, desc="Tokenizing",
+        new_fingerprint=f"{corpus._fingerprint}-tokens-{key}",  # the tokenizer is not hashable by datasets
     )
 
 
@@ -113,7 +116,10 @@ class StreamPacker:
         self.documents_seen = 0
 
     def add(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Full blocks from the carried tokens plus this batch: input_ids, document_ids (and word_starts) (m, L)."""
+        """Full blocks from the carried tokens plus this batch: input_ids, document_ids (and word_starts) (m, L).
+        Empty documents are skipped (no separator, no document id)."""
+        if (batch["lengths"] == 0).any():
+            batch = dict(batch, lengths=batch["lengths"][batch["lengths"] > 0])
         lengths = batch["lengths"]
         n = len(lengths)
         total = int(lengths.sum()) + n
@@ -167,7 +173,7 @@ def pack_stream(batches: Iterable[dict[str, np.ndarray]], max_length: int, sep_i
         parts.append({name: np.pad(values, ((0, 0), (0, pad)), constant_values=sep_id if name == "input_ids" else 0)
                       for name, values in last.items()})
     if not parts or sum(len(p["input_ids"]) for p in parts) == 0:
-        raise UserError("the corpus produced no tokens")
+        raise UserError("the corpus is empty: it produced no tokens")
     blocks = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     blocks["lengths"] = np.full(len(blocks["input_ids"]), max_length, dtype=np.int32)
     if last:

@@ -289,3 +289,12 @@ def test_collate_masks_the_padding_of_a_short_last_block():
     batch = collate(examples)
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert batch["input_ids"].dtype == torch.long
+
+
+def test_settings_that_cannot_work_together_are_refused(tokenizer_path):
+    with pytest.raises(UserError, match="streaming supports the 'stream' layout only"):
+        PretrainingDataModule(["x"], str(tokenizer_path), layout="pairs", streaming=True)
+    with pytest.raises(UserError, match="word_starts"):
+        PretrainingDataModule(["x"], str(tokenizer_path), layout="pairs", word_starts=True)
+    with pytest.raises(UserError, match="tokenizer not found"):
+        PretrainingDataModule(["x"], "missing/tokenizer.json")
