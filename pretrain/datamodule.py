@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -151,19 +152,20 @@ class PretrainingDataModule(pl.LightningDataModule):
             lambda _, indices: list(in_validation(np.array(indices), hp.validation_fraction, hp.seed)
                                     == keep_validation), with_indices=True, batched=True)
 
-    def _build(self, files: list[str], split: str) -> dict[str, np.ndarray]:
+    def _build(self, files: list[str], split: str) -> Iterator[dict[str, np.ndarray]]:
         hp = self.hparams
         documents = self._documents(files, split)
         if len(documents) == 0:
             raise UserError(f"the {split} split is empty: lower validation_fraction or add documents")
         if hp.layout == "stream":
             tokenized = tokenize(documents, self.tokenizer, hp.word_starts, hp.num_proc)
-            return pack_stream(tokenized_batches(tokenized), hp.max_length, self._separator(), self._cls())
+            yield from pack_stream(tokenized_batches(tokenized), hp.max_length, self._separator(), self._cls())
+            return
         if self.special.cls is None or self.special.pad is None:
             raise UserError("the pairs layout needs [CLS] and [PAD] tokens (or <s> and <pad>) in the tokenizer")
-        return build_pairs(sentence_tokens(documents, self.tokenizer, hp.num_proc), hp.max_length,
-                           self.special.cls, self._separator(), self.special.pad, hp.pair_task, hp.short_seq_prob,
-                           hp.seed)
+        yield build_pairs(sentence_tokens(documents, self.tokenizer, hp.num_proc), hp.max_length,
+                          self.special.cls, self._separator(), self.special.pad, hp.pair_task, hp.short_seq_prob,
+                          hp.seed)
 
     def _separator(self) -> int:
         return self.special.sep if self.special.sep is not None else self.special.eos

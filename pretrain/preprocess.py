@@ -40,21 +40,45 @@ def fingerprint(files: Iterable[Path], tokenizer: Tokenizer, settings: dict) -> 
     return digest.hexdigest()[:20]
 
 
-def cached_arrays(cache_dir: Path, key: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """`build()`'s arrays, saved under cache_dir/key and memory-mapped on later calls. The directory is written
-    under a temporary name and renamed when complete, so an interrupted run never leaves a cache that is trusted."""
+def cached_arrays(cache_dir: Path, key: str,
+                  build: Callable[[], Iterable[dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+    """The arrays `build()` yields in parts (rows of each array, in order), written under cache_dir/key part by part
+    and memory-mapped, now and on later calls. The directory is written under a temporary name and renamed when
+    complete, so an interrupted run never leaves a cache that is trusted."""
     final = Path(cache_dir) / key
     if not (final / "COMPLETE").is_file():
-        arrays = build()
         partial = Path(cache_dir) / f".{key}.partial-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        for name, array in arrays.items():
-            np.save(partial / f"{name}.npy", array)
+        write_arrays(partial, build())
         (partial / "COMPLETE").write_text("ok\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-    return {p.stem: np.load(p, mmap_mode="r") for p in sorted(final.glob("*.npy"))}
+    return load_arrays(final)
+
+
+def write_arrays(directory: Path, parts: Iterable[dict[str, np.ndarray]]) -> None:
+    """Append each part's rows to NAME.bin files; shapes and dtypes go to arrays.json. Memory: one part at a time."""
+    layout: dict[str, dict] = {}
+    files = {}
+    try:
+        for part in parts:
+            for name, rows in part.items():
+                if name not in files:
+                    files[name] = open(directory / f"{name}.bin", "wb")  # noqa: SIM115 (closed below)
+                    layout[name] = {"dtype": rows.dtype.str, "shape": [0, *rows.shape[1:]]}
+                files[name].write(np.ascontiguousarray(rows, dtype=layout[name]["dtype"]).tobytes())
+                layout[name]["shape"][0] += len(rows)
+    finally:
+        for file in files.values():
+            file.close()
+    (directory / "arrays.json").write_text(json.dumps(layout))
+
+
+def load_arrays(directory: Path) -> dict[str, np.ndarray]:
+    layout = json.loads((directory / "arrays.json").read_text())
+    return {name: np.memmap(directory / f"{name}.bin", dtype=spec["dtype"], mode="r", shape=tuple(spec["shape"]))
+            if spec["shape"][0] else np.zeros(spec["shape"], spec["dtype"]) for name, spec in layout.items()}
 
 
 # --- tokenization ---------------------------------------------------------------------------------------------
@@ -91,7 +115,7 @@ def tokenized_batches(tokenized: datasets.Dataset, batch_size: int = 10_000) -> 
 
 
 def _flat(column) -> np.ndarray:
-    return column.combine_chunks().flatten().to_numpy().astype(np.int32)
+    return column.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int32)
 
 
 def _offsets(column) -> np.ndarray:
@@ -162,23 +186,24 @@ class StreamPacker:
 
 
 def pack_stream(batches: Iterable[dict[str, np.ndarray]], max_length: int, sep_id: int,
-                cls_id: int | None) -> dict[str, np.ndarray]:
-    """All blocks as (n, max_length) arrays plus `lengths` (n,): max_length, except for a shorter last block,
-    which is padded with `sep_id` (its padding carries attention mask 0 in the collator)."""
+                cls_id: int | None) -> Iterator[dict[str, np.ndarray]]:
+    """The blocks, in order, a part at a time: (m, max_length) arrays plus `lengths` (m,), which is max_length except
+    for a shorter last block, padded with `sep_id` (its padding gets attention mask 0 in the collator)."""
     packer = StreamPacker(max_length, sep_id, cls_id)
-    parts = [packer.add(batch) for batch in batches]
+    produced = 0
+    for batch in batches:
+        blocks = packer.add(batch)
+        if len(blocks["input_ids"]):
+            produced += len(blocks["input_ids"])
+            yield blocks | {"lengths": np.full(len(blocks["input_ids"]), max_length, dtype=np.int32)}
     last = packer.finish()
     if last:
-        pad = max_length - last["input_ids"].shape[1]
-        parts.append({name: np.pad(values, ((0, 0), (0, pad)), constant_values=sep_id if name == "input_ids" else 0)
-                      for name, values in last.items()})
-    if not parts or sum(len(p["input_ids"]) for p in parts) == 0:
+        length = last["input_ids"].shape[1]
+        yield {name: np.pad(values, ((0, 0), (0, max_length - length)),
+                            constant_values=sep_id if name == "input_ids" else 0)
+               for name, values in last.items()} | {"lengths": np.array([length], dtype=np.int32)}
+    elif produced == 0:
         raise UserError("the corpus is empty: it produced no tokens")
-    blocks = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-    blocks["lengths"] = np.full(len(blocks["input_ids"]), max_length, dtype=np.int32)
-    if last:
-        blocks["lengths"][-1] = max_length - pad
-    return blocks
 
 
 # --- the pairs layout -----------------------------------------------------------------------------------------
@@ -228,6 +253,8 @@ def build_pairs(documents: list[list[list[int]]], max_length: int, cls_id: int, 
                 target = rng.randint(2, max_tokens) if rng.random() < short_seq_prob else max_tokens
                 chunk, length = [], 0
     n = len(rows)
+    if n == 0:
+        raise UserError("the corpus gave no sentence pairs: its documents are empty or one token long")
     input_ids = np.full((n, max_length), pad_id, dtype=np.int32)
     token_type_ids = np.zeros((n, max_length), dtype=np.int8)
     lengths, labels = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int8)

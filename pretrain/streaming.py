@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from pretrain.preprocess import StreamPacker, token_columns
+from pretrain.preprocess import pack_stream, token_columns
 
 
 def shard() -> tuple[int, int]:
@@ -48,30 +48,22 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
                 yield example
 
     def _all_blocks(self) -> Iterator[dict[str, np.ndarray]]:
-        packer = StreamPacker(self.max_length, self.sep_id, self.cls_id)
+        for part in pack_stream(self._batches(), self.max_length, self.sep_id, self.cls_id):
+            for row in range(len(part["input_ids"])):
+                yield {name: values[row] for name, values in part.items()}
+
+    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
+        """The documents, tokenized `read_batch` at a time, as flat arrays and lengths."""
         texts: list[str] = []
         for document in self.documents:
             texts.append(document["text"])
             if len(texts) == self.read_batch:
-                yield from self._rows(packer.add(self._batch(texts)))
+                yield self._tokenized(texts)
                 texts = []
         if texts:
-            yield from self._rows(packer.add(self._batch(texts)))
-        last = packer.finish()
-        if last:
-            length = last["input_ids"].shape[1]
-            padded = {name: np.pad(values, ((0, 0), (0, self.max_length - length)),
-                                   constant_values=self.sep_id if name == "input_ids" else 0)
-                      for name, values in last.items()}
-            yield from self._rows(padded, length)
+            yield self._tokenized(texts)
 
-    def _batch(self, texts: list[str]) -> dict[str, np.ndarray]:
+    def _tokenized(self, texts: list[str]) -> dict[str, np.ndarray]:
         columns = token_columns(self.tokenizer, texts, self.word_starts)
         flat = {name: np.fromiter((t for doc in docs for t in doc), dtype=np.int32) for name, docs in columns.items()}
         return flat | {"lengths": np.array([len(ids) for ids in columns["input_ids"]])}
-
-    def _rows(self, blocks: dict[str, np.ndarray], length: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        for row in range(len(blocks["input_ids"])):
-            example = {name: values[row] for name, values in blocks.items()}
-            example["lengths"] = np.int32(length or self.max_length)
-            yield example

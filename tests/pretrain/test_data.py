@@ -26,6 +26,12 @@ def tokenizer_path(tmp_path_factory):
     return path
 
 
+def packed(*args, **kwargs) -> dict[str, np.ndarray]:
+    """pack_stream's parts joined into whole arrays."""
+    parts = list(pack_stream(*args, **kwargs))
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
 def write_documents(path: Path, documents: list[str]) -> Path:
     path.write_text("\n\n".join(documents) + "\n")
     return path
@@ -138,7 +144,7 @@ def batches_of(documents: list[list[int]], size: int):
 def test_packing_is_exact(cls_id):
     rng = np.random.default_rng(0)
     documents = [list(rng.integers(10, 100, rng.integers(1, 40))) for _ in range(300)]
-    blocks = pack_stream(batches_of(documents, 7), 32, sep_id=2, cls_id=cls_id)
+    blocks = packed(batches_of(documents, 7), 32, sep_id=2, cls_id=cls_id)
     lengths = blocks["lengths"]
     assert (lengths[:-1] == 32).all() and 0 < lengths[-1] <= 32
     content = [row[(cls_id is not None):length] for row, length in zip(blocks["input_ids"], lengths, strict=True)]
@@ -151,7 +157,7 @@ def test_packing_is_exact(cls_id):
 
 
 def test_first_tokens_of_a_block_keep_their_document():
-    blocks = pack_stream(batches_of([[10, 11, 12], [20, 21], [30, 31, 32, 33, 34], [40]], 2), 5, 2, 1)
+    blocks = packed(batches_of([[10, 11, 12], [20, 21], [30, 31, 32, 33, 34], [40]], 2), 5, 2, 1)
     assert blocks["input_ids"].tolist() == [[1, 10, 11, 12, 2], [1, 20, 21, 2, 30], [1, 31, 32, 33, 34],
                                             [1, 2, 40, 2, 2]]
     assert blocks["document_ids"].tolist() == [[0, 0, 0, 0, 0], [1, 1, 1, 1, 2], [2, 2, 2, 2, 2], [2, 2, 3, 3, 0]]
@@ -228,11 +234,13 @@ def test_interrupted_cache_is_not_trusted(tmp_path, tokenizer_path):
     with pytest.raises(KeyboardInterrupt):
         cached_arrays(tmp_path, "key", broken)
     calls = []
-    arrays = cached_arrays(tmp_path, "key", lambda: calls.append(1) or {"x": np.arange(3)})
-    assert calls == [1] and arrays["x"].tolist() == [0, 1, 2]
+    arrays = cached_arrays(tmp_path, "key", lambda: calls.append(1) or [{"x": np.arange(3)}, {"x": np.arange(2)}])
+    assert calls == [1] and arrays["x"].tolist() == [0, 1, 2, 0, 1]
+    assert cached_arrays(tmp_path, "key", lambda: calls.append(1) or [])["x"].tolist() == [0, 1, 2, 0, 1]
+    assert calls == [1]  # the complete cache was reused
     (tmp_path / "half").mkdir()  # a directory without its COMPLETE marker is rebuilt
-    (tmp_path / "half" / "x.npy").write_bytes(b"garbage")
-    assert cached_arrays(tmp_path, "half", lambda: {"x": np.arange(2)})["x"].tolist() == [0, 1]
+    (tmp_path / "half" / "x.bin").write_bytes(b"garbage")
+    assert cached_arrays(tmp_path, "half", lambda: [{"x": np.arange(2)}])["x"].tolist() == [0, 1]
 
 
 def test_streaming_matches_the_cached_path_and_resumes(tmp_path, tokenizer_path):
@@ -298,3 +306,13 @@ def test_settings_that_cannot_work_together_are_refused(tokenizer_path):
         PretrainingDataModule(["x"], str(tokenizer_path), layout="pairs", word_starts=True)
     with pytest.raises(UserError, match="tokenizer not found"):
         PretrainingDataModule(["x"], "missing/tokenizer.json")
+
+
+def test_empty_documents_are_skipped_by_the_packer(tmp_path, tokenizer_path):
+    blocks = packed(batches_of([[10, 11], [], [20], []], 4), 4, 2, None)
+    assert blocks["input_ids"].tolist() == [[10, 11, 2, 20], [2, 2, 2, 2]]
+    assert blocks["document_ids"].tolist() == [[0, 0, 0, 1], [1, 0, 0, 0]] and blocks["lengths"].tolist() == [4, 1]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n{"text": "   "}\n')
+    with pytest.raises(UserError, match="the corpus is empty"):
+        module(empty, tokenizer_path, tmp_path, validation_fraction=0.0).setup()
