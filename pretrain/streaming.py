@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import datasets
 import numpy as np
 import torch
 from tokenizers import Tokenizer
@@ -24,10 +25,14 @@ def shard() -> tuple[int, int]:
 
 class StreamingBlocks(torch.utils.data.IterableDataset):
     """The "stream" layout's blocks in the same order as the cached path, computed on the fly from `documents`
-    (an iterable of {"text": ...}). Block k goes to reader k mod readers. `state_dict()` holds the index of the next
-    block; after `load_state_dict`, iteration continues from there (earlier blocks are re-read and skipped)."""
+    (a `datasets.IterableDataset` with a "text" column). Block k goes to reader k mod readers (readers = ranks x
+    dataloader workers); each reader tokenizes the whole stream and keeps its share, which keeps the order exact at
+    the price of repeated tokenization. `state_dict()` holds the index of the next block; after `load_state_dict`,
+    iteration continues from there (earlier blocks are re-read and skipped). With dataloader workers the position
+    advances in the workers' copies, so exact resume needs num_workers=0."""
 
-    def __init__(self, documents, tokenizer: Tokenizer, max_length: int, sep_id: int, cls_id: int | None,
+    def __init__(self, documents: datasets.IterableDataset, tokenizer: Tokenizer, max_length: int, sep_id: int,
+                 cls_id: int | None,
                  word_starts: bool = False, read_batch: int = 1000):
         self.documents, self.tokenizer = documents, tokenizer
         self.max_length, self.sep_id, self.cls_id = max_length, sep_id, cls_id
@@ -46,6 +51,7 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
             if index >= self.position and index % readers == reader:
                 self.position = index + 1
                 yield example
+        self.position = 0  # the pass is complete: the next one (epoch) starts from the beginning
 
     def _all_blocks(self) -> Iterator[dict[str, np.ndarray]]:
         for part in pack_stream(self._batches(), self.max_length, self.sep_id, self.cls_id):
@@ -53,15 +59,11 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
                 yield {name: values[row] for name, values in part.items()}
 
     def _batches(self) -> Iterator[dict[str, np.ndarray]]:
-        """The documents, tokenized `read_batch` at a time, as flat arrays and lengths."""
-        texts: list[str] = []
-        for document in self.documents:
-            texts.append(document["text"])
-            if len(texts) == self.read_batch:
-                yield self._tokenized(texts)
-                texts = []
-        if texts:
-            yield self._tokenized(texts)
+        """The documents, tokenized `read_batch` at a time, as flat arrays and lengths. `iter(batch_size=...)` reads
+        every document in every reader: a `datasets.IterableDataset` iterated plainly inside a dataloader worker would
+        hand each worker only some files, and the round-robin of blocks above would then lose data."""
+        for batch in self.documents.iter(batch_size=self.read_batch):
+            yield self._tokenized(batch["text"])
 
     def _tokenized(self, texts: list[str]) -> dict[str, np.ndarray]:
         columns = token_columns(self.tokenizer, texts, self.word_starts)

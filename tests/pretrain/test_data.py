@@ -316,3 +316,23 @@ def test_empty_documents_are_skipped_by_the_packer(tmp_path, tokenizer_path):
     empty.write_text('{"text": ""}\n{"text": "   "}\n')
     with pytest.raises(UserError, match="the corpus is empty"):
         module(empty, tokenizer_path, tmp_path, validation_fraction=0.0).setup()
+
+
+def test_streaming_shards_across_workers_without_loss_or_repeat(tmp_path, tokenizer_path):
+    corpus = write_documents(tmp_path / "corpus.txt", [f"tale {i}: " + "a horse, a horse. " * (i % 5 + 1)
+                                                       for i in range(60)])
+    data = module(corpus, tokenizer_path, tmp_path, streaming=True, validation_fraction=0.0)
+    data.setup()
+    alone = [tuple(example["input_ids"].tolist()) for example in data.datasets["train"]]
+    loader = torch.utils.data.DataLoader(data.datasets["train"], batch_size=None, num_workers=2)
+    sharded = [tuple(example["input_ids"].tolist()) for example in loader]
+    assert sorted(sharded) == sorted(alone) and len(alone) > 4
+
+
+def test_a_complete_streaming_pass_starts_the_next_from_the_beginning(tmp_path, tokenizer_path):
+    corpus = write_documents(tmp_path / "corpus.txt", [f"line {i} of verse." for i in range(40)])
+    data = module(corpus, tokenizer_path, tmp_path, streaming=True, validation_fraction=0.0)
+    data.setup()
+    first = [example["input_ids"].tolist() for example in data.datasets["train"]]
+    assert data.state_dict() == {"train": {"position": 0}}
+    assert [example["input_ids"].tolist() for example in data.datasets["train"]] == first
