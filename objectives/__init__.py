@@ -7,12 +7,12 @@ from objectives.base import Batch, Objective, ObjectiveOutput, check_combination
 from objectives.clm import CausalLM
 from objectives.masking import IGNORE_INDEX, gather_selected, mask_tokens
 from objectives.mlm import MaskedLM
-from objectives.nsp import NextSentencePrediction, make_nsp_pairs
+from objectives.nsp import NextSentencePrediction
 from objectives.rtd import ReplacedTokenDetection
 from objectives.sop import SentenceOrderPrediction, swap_segments
 
 __all__ = [
     "Batch", "Objective", "ObjectiveOutput", "check_combination", "IGNORE_INDEX", "mask_tokens", "gather_selected",
-    "MaskedLM", "NextSentencePrediction", "make_nsp_pairs", "SentenceOrderPrediction", "swap_segments",
+    "MaskedLM", "NextSentencePrediction", "SentenceOrderPrediction", "swap_segments",
     "ReplacedTokenDetection", "CausalLM",
 ]

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import random
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
@@ -14,30 +11,9 @@ from objectives.base import Batch, Objective, ObjectiveOutput, accuracy_of
 IS_NEXT, NOT_NEXT = 0, 1  # the Hugging Face convention for next_sentence_label
 
 
-def make_nsp_pairs(
-    documents: Sequence[Sequence[Sequence[int]]], rng: random.Random, random_next_prob: float = 0.5
-) -> list[tuple[list[int], list[int], int]]:
-    """(A, B, label) for every two consecutive segments of each document (documents are lists of segments, each a
-    list of token ids). With probability `random_next_prob`, B is replaced by a segment of another document and the
-    label is NOT_NEXT; otherwise B is the real next segment and the label IS_NEXT."""
-    if sum(1 for d in documents if d) < 2:
-        raise ValueError("next sentence prediction needs at least two non-empty documents for its negatives")
-    non_empty = [i for i, d in enumerate(documents) if d]
-    pairs = []
-    for index, segments in enumerate(documents):
-        for first, second in zip(segments, segments[1:], strict=False):
-            if rng.random() < random_next_prob:
-                other = index
-                while other == index:
-                    other = rng.choice(non_empty)
-                pairs.append((list(first), list(rng.choice(documents[other])), NOT_NEXT))
-            else:
-                pairs.append((list(first), list(second), IS_NEXT))
-    return pairs
-
-
 class NextSentencePrediction(Objective):
-    """Binary classification on [CLS]; the pairs and `next_sentence_label` (B,) come from the data ("pairs")."""
+    """Binary classification on [CLS]; the pairs and `next_sentence_label` (B,) come from the data module's "pairs"
+    layout (`pretrain.preprocess.build_pairs`: half of the B segments from another document)."""
 
     name = "nsp"
     pair_task = True

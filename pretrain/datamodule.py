@@ -10,7 +10,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from objectives import Batch
+from objectives.base import Batch, Layout
 from pretrain.corpus import DocumentsBy, load_corpus, resolve_files
 from pretrain.errors import UserError
 from pretrain.preprocess import (
@@ -24,8 +24,6 @@ from pretrain.preprocess import (
 )
 from pretrain.streaming import StreamingBlocks
 from pretrain.tokenizer import load_tokenizer, special_ids
-
-Layout = Literal["stream", "pairs"]
 
 
 def in_validation(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:

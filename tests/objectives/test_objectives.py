@@ -1,7 +1,6 @@
 """Each objective's contract: corruption, head placement, loss, labels."""
 
 import math
-import random
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from objectives import (
     ReplacedTokenDetection,
     SentenceOrderPrediction,
     check_combination,
-    make_nsp_pairs,
     swap_segments,
 )
 from tests.helpers import CLS, MASK, PAD, SEP, SPECIAL_IDS, VOCAB_SIZE, pair_batch, stream_batch, tiny_config
@@ -70,25 +68,6 @@ def test_mlm_whole_word_needs_word_starts():
 
 
 # --- NSP and SOP -----------------------------------------------------------------------------------------------
-
-def test_nsp_pairs_are_balanced_and_negatives_come_from_other_documents():
-    rng = random.Random(0)
-    documents = [[[d * 1000 + s] * 3 for s in range(rng.randint(2, 12))] for d in range(2000)]
-    pairs = make_nsp_pairs(documents, rng)
-    assert len(pairs) >= 10_000
-    labels = [label for _, _, label in pairs]
-    assert abs(sum(labels) / len(labels) - 0.5) < 0.02
-    for a, b, label in pairs:
-        same_document = a[0] // 1000 == b[0] // 1000
-        assert same_document == (label == 0)
-        if label == 0:
-            assert b[0] == a[0] + 1  # the real next segment
-
-
-def test_nsp_needs_two_documents():
-    with pytest.raises(ValueError, match="two non-empty documents"):
-        make_nsp_pairs([[[5], [6]]], random.Random(0))
-
 
 def test_sop_swaps_half_of_10k_pairs():
     _, sop = bound(SentenceOrderPrediction())
