@@ -91,6 +91,31 @@ class Embeddings(nn.Module):
         return self.projection(self.dropout(self.norm(x)))  # (B, T, H)
 
 
+class KVCache:
+    """Keys and values of the tokens seen so far, one slot per layer position (a shared layer that runs at several
+    depths has a slot at each), so that generating a token costs one position's forward pass."""
+
+    def __init__(self, num_layers: int):
+        self.slots: list[tuple[Tensor, Tensor] | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        """The number of cached positions."""
+        return 0 if self.slots[0] is None else self.slots[0][0].shape[2]
+
+    def extend(self, position: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Append this step's keys and values (B, N, T_new, D) at a layer position; all of them (B, N, T, D)."""
+        if self.slots[position] is not None:
+            keys = torch.cat([self.slots[position][0], keys], dim=2)
+            values = torch.cat([self.slots[position][1], values], dim=2)
+        self.slots[position] = (keys, values)
+        return keys, values
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep rows `rows` (B',) of the batch in this order (beam search)."""
+        self.slots = [None if s is None else (s[0][rows], s[1][rows]) for s in self.slots]
+
+
 class Sublayer(nn.Module):
     """A residual branch f with its LayerNorm: post-LN x = norm(x + f(x)), pre-LN x = x + f(norm(x)).
 
@@ -119,11 +144,14 @@ class Attention(Sublayer):
         self.num_heads = config.num_heads
         self.attention_dropout = config.attention_dropout
 
-    def branch(self, x: Tensor, mask: Tensor | None, is_causal: bool, rotary: tuple[Tensor, Tensor] | None) -> Tensor:
+    def branch(self, x: Tensor, mask: Tensor | None, is_causal: bool, rotary: tuple[Tensor, Tensor] | None,
+               cache: KVCache | None = None, position: int = 0) -> Tensor:
         B, T, H = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, N, T, D)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None:
+            k, v = cache.extend(position, k, v)  # (B, N, T_cached + T, D)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.attention_dropout if self.training else 0.0,
@@ -145,24 +173,29 @@ class FeedForward(Sublayer):
 
 
 def attention_mask_for(
-    attention_mask: Tensor | None, document_ids: Tensor | None, causal: bool, seq_len: int, device: torch.device
+    attention_mask: Tensor | None, document_ids: Tensor | None, causal: bool, query_length: int, key_length: int,
+    device: torch.device,
 ) -> tuple[Tensor | None, bool]:
-    """The boolean mask (True = may attend) for SDPA and its `is_causal` flag.
+    """The boolean mask (True = may attend) for SDPA and its `is_causal` flag. The queries are the last
+    `query_length` of the `key_length` positions (fewer than the keys when earlier ones come from a KV cache).
 
-    attention_mask (B, T): 1 for real tokens, 0 for padding keys. document_ids (B, T): packed sequences attend only
-    within their own document (block-diagonal). A purely causal mask is left to SDPA's `is_causal` (flash kernels).
+    attention_mask (B, T_key): 1 for real tokens, 0 for padding keys. document_ids (B, T): packed sequences attend
+    only within their own document (block-diagonal). A purely causal mask is left to SDPA's `is_causal` (flash
+    kernels) when queries and keys coincide.
     """
-    if attention_mask is None and document_ids is None:
-        return None, causal
-    mask = torch.ones(1, 1, 1, seq_len, dtype=torch.bool, device=device)  # (B, 1, T_query, T_key) broadcast
+    offset = key_length - query_length  # the absolute position of query j is offset + j
+    if attention_mask is None and document_ids is None and (offset == 0 or not causal or query_length == 1):
+        return None, causal and offset == 0
+    mask = torch.ones(1, 1, 1, key_length, dtype=torch.bool, device=device)  # (B, 1, T_query, T_key) broadcast
     if attention_mask is not None:
         mask = mask & attention_mask.bool()[:, None, None, :]
     if document_ids is not None:
         mask = mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
+    square = torch.ones(query_length, key_length, dtype=torch.bool, device=device)
     if causal:
-        mask = mask & torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+        mask = mask & square.tril(offset)
     # Every query keeps itself, so no row is fully masked (a padded query would give NaN, which leaks through V).
-    mask = mask | torch.eye(seq_len, dtype=torch.bool, device=device)
+    mask = mask | (square.tril(offset) & ~square.tril(offset - 1))
     return mask, False
 
 
@@ -196,25 +229,38 @@ class Transformer(nn.Module):
         token_type_ids: Tensor | None = None,
         position_ids: Tensor | None = None,
         document_ids: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
         """input_ids (B, T); attention_mask (B, T) 1 = real token, 0 = padding; token_type_ids (B, T) segments;
-        position_ids (B, T), default 0..T-1; document_ids (B, T) for packed sequences. Returns (B, T, H)."""
+        position_ids (B, T), default 0..T-1; document_ids (B, T) for packed sequences. Returns (B, T, H).
+
+        With a `cache` (causal models: generation), input_ids are the new tokens after the cached ones, positions
+        default to continue from them, and attention_mask covers the cached and the new tokens (B, T_cached + T).
+        """
         B, T = input_ids.shape
-        if T > self.config.max_position_embeddings and self.config.position_embedding != "rotary":
+        past = 0 if cache is None else cache.length
+        if past + T > self.config.max_position_embeddings and self.config.position_embedding != "rotary":
             raise ValueError(
-                f"sequence length {T} exceeds max_position_embeddings={self.config.max_position_embeddings}"
+                f"sequence length {past + T} exceeds max_position_embeddings={self.config.max_position_embeddings}"
             )
+        if cache is not None and (document_ids is not None or not self.config.causal):
+            raise ValueError("a KV cache is for causal models without document_ids")
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        mask, is_causal = attention_mask_for(attention_mask, document_ids, self.config.causal, T, input_ids.device)
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        mask, is_causal = attention_mask_for(attention_mask, document_ids, self.config.causal, T, past + T,
+                                             input_ids.device)
         rotary = None
         if self.config.position_embedding == "rotary":
             rotary = rotary_angles(position_ids, self.config.head_size, self.config.rotary_base)
         x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
-        for attention_index, ffn_index in self.layer_order:
-            x = self.attention_layers[attention_index](x, mask=mask, is_causal=is_causal, rotary=rotary)
+        for position, (attention_index, ffn_index) in enumerate(self.layer_order):
+            x = self.attention_layers[attention_index](x, mask=mask, is_causal=is_causal, rotary=rotary,
+                                                       cache=cache, position=position)
             x = self.ffn_layers[ffn_index](x)
         return self.final_norm(x)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.num_layers)
 
     def num_parameters(self) -> int:
         """Distinct parameters (shared and tied ones counted once)."""

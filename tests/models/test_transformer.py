@@ -92,7 +92,7 @@ def test_shared_layers_run_each_time():
     with torch.no_grad():
         x = one.embeddings(ids, None, torch.arange(10).expand(2, 10))
         for _ in range(4):
-            x = one.ffn_layers[0](one.attention_layers[0](x, mask=None, is_causal=False, rotary=None))
+            x = one.ffn_layers[0](one.attention_layers[0](x, mask=None, is_causal=False, rotary=None))  # no cache
         assert torch.allclose(model(ids), x, atol=1e-6)
 
 
