@@ -318,3 +318,17 @@ def test_rotary_angles_follow_the_formula_with_the_configured_base():
     b = Transformer(TransformerConfig.preset("gpt2-tiny", position_embedding="rotary", rotary_base=50.0)).eval()
     with torch.no_grad():
         assert not torch.allclose(a(ids), b(ids))  # the model reads rotary_base
+
+
+@pytest.mark.parametrize("preset", ["bert-tiny", "albert-tiny", "gpt2-tiny"])
+def test_backbone_traces_without_graph_breaks(preset):
+    """torch.compile sees the whole forward as one graph (padding mask and causal mask included)."""
+    import torch._dynamo
+
+    model = Transformer(TransformerConfig.preset(preset))
+    ids = torch.randint(0, 1000, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(ids, attention_mask=mask)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1

@@ -34,8 +34,9 @@ RECIPES = {
 }
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_recipe_trains_on_the_bundled_corpus(recipe, tokenizers, tmp_path):
+def test_recipe_trains_on_the_bundled_corpus(recipe, precision, tokenizers, tmp_path):
     kind, data_options, objectives, model_options = RECIPES[recipe]
     data = PretrainingDataModule([str(BUNDLED_CORPUS)], str(tokenizers[kind]), max_length=32, batch_size=4,
                                  cache_dir=str(tmp_path / "cache"), **data_options)
@@ -44,7 +45,8 @@ def test_recipe_trains_on_the_bundled_corpus(recipe, tokenizers, tmp_path):
     check_vocabulary(data.tokenizer, config.vocab_size)
     module = PretrainingModule(config, objectives(special_ids(data.tokenizer)), learning_rate=1e-3, warmup_steps=1)
     trainer = pl.Trainer(max_steps=3, limit_val_batches=2, val_check_interval=3, accelerator="cpu", logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                         precision=precision, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
     trainer.fit(module, datamodule=data)
     metrics = trainer.callback_metrics
     assert metrics["train/loss"].isfinite() and metrics["val/loss"].isfinite()
