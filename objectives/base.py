@@ -10,6 +10,7 @@ runs once on the corrupted batch, then each objective computes its loss from the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -21,6 +22,25 @@ from models import TransformerConfig
 
 Batch = dict[str, Tensor]
 Layout = Literal["stream", "pairs"]
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """The tokenizer's ids that corrupting objectives need: [MASK] and every special token (padding included)."""
+
+    mask: int | None
+    special: list[int]
+
+
+def resolve_masking_ids(name: str, mask_token_id: int | None, special_ids: Sequence[int] | None,
+                        tokens: TokenIds | None) -> tuple[int, list[int]]:
+    """Ids given to the objective win; otherwise the tokenizer's; an error naming the fix if neither has them."""
+    mask = mask_token_id if mask_token_id is not None else (tokens.mask if tokens else None)
+    special = list(special_ids) if special_ids is not None else (list(tokens.special) if tokens else None)
+    if mask is None or special is None:
+        raise ValueError(f"{name} needs mask_token_id and special_ids: give them to the objective, or give the "
+                         "training module a tokenizer that has a [MASK] (or <mask>) token")
+    return mask, special
 
 
 @dataclass
@@ -35,7 +55,8 @@ class ObjectiveOutput:
 
 class Objective(nn.Module):
     """Owns its corruption, its head(s) and its loss. Subclasses set the class attributes and define
-    `bind(backbone)` (build heads, once the backbone exists) and `forward(hidden_states, batch) -> ObjectiveOutput`.
+    `bind(backbone, tokens=None)` (build heads once the backbone exists; `tokens`: the tokenizer's ids) and
+    `forward(hidden_states, batch) -> ObjectiveOutput`.
     """
 
     name: ClassVar[str]

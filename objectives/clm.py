@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from models import LMHead, Transformer
-from objectives.base import Batch, Objective, ObjectiveOutput, accuracy_of, token_cross_entropy
+from objectives.base import Batch, Objective, ObjectiveOutput, TokenIds, accuracy_of, token_cross_entropy
 from objectives.masking import IGNORE_INDEX
 
 
@@ -27,7 +27,7 @@ class CausalLM(Objective):
     attention = "causal"
     language_model = True
 
-    def bind(self, backbone: Transformer) -> None:
+    def bind(self, backbone: Transformer, tokens: TokenIds | None = None) -> None:
         self.head = LMHead(backbone.config, backbone.embeddings.word, transform=False, bias=False)
 
     def forward(self, hidden_states: torch.Tensor, batch: Batch) -> ObjectiveOutput:

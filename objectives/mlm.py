@@ -7,7 +7,15 @@ from collections.abc import Sequence
 import torch
 
 from models import LMHead, Transformer
-from objectives.base import Batch, Objective, ObjectiveOutput, accuracy_of, token_cross_entropy
+from objectives.base import (
+    Batch,
+    Objective,
+    ObjectiveOutput,
+    TokenIds,
+    accuracy_of,
+    resolve_masking_ids,
+    token_cross_entropy,
+)
 from objectives.masking import IGNORE_INDEX, gather_selected, mask_tokens
 
 
@@ -23,8 +31,8 @@ class MaskedLM(Objective):
 
     def __init__(
         self,
-        mask_token_id: int,
-        special_ids: Sequence[int],
+        mask_token_id: int | None = None,
+        special_ids: Sequence[int] | None = None,
         mask_prob: float = 0.15,
         replace_probs: tuple[float, float, float] = (0.8, 0.1, 0.1),
         whole_word: bool = False,
@@ -32,14 +40,16 @@ class MaskedLM(Objective):
         weight: float = 1.0,
     ):
         super().__init__(weight)
-        self.mask_token_id = mask_token_id
-        self.special_ids = list(special_ids)
+        self.mask_token_id = mask_token_id  # None: the tokenizer's, given at bind
+        self.special_ids = list(special_ids) if special_ids is not None else None
         self.mask_prob = mask_prob
         self.replace_probs = tuple(replace_probs)
         self.whole_word = whole_word
         self.num_masked = num_masked
 
-    def bind(self, backbone: Transformer) -> None:
+    def bind(self, backbone: Transformer, tokens: TokenIds | None = None) -> None:
+        self.mask_token_id, self.special_ids = resolve_masking_ids(
+            "MaskedLM", self.mask_token_id, self.special_ids, tokens)
         self.vocab_size = backbone.config.vocab_size
         self.head = LMHead(backbone.config, backbone.embeddings.word)
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from models import ClassificationHead, Transformer
-from objectives.base import Batch, Objective, ObjectiveOutput, accuracy_of
+from objectives.base import Batch, Objective, ObjectiveOutput, TokenIds, accuracy_of
 
 IS_NEXT, NOT_NEXT = 0, 1  # the Hugging Face convention for next_sentence_label
 
@@ -18,7 +18,7 @@ class NextSentencePrediction(Objective):
     name = "nsp"
     pair_task = True
 
-    def bind(self, backbone: Transformer) -> None:
+    def bind(self, backbone: Transformer, tokens: TokenIds | None = None) -> None:
         self.head = ClassificationHead(backbone.config, num_labels=2)
 
     def forward(self, hidden_states: torch.Tensor, batch: Batch) -> ObjectiveOutput:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import LMHead, TokenScorer, Transformer, TransformerConfig
-from objectives.base import Batch, Objective, ObjectiveOutput, token_cross_entropy
+from objectives.base import Batch, Objective, ObjectiveOutput, TokenIds, resolve_masking_ids, token_cross_entropy
 from objectives.masking import IGNORE_INDEX, gather_selected, mask_tokens
 
 
@@ -38,8 +38,8 @@ class ReplacedTokenDetection(Objective):
 
     def __init__(
         self,
-        mask_token_id: int,
-        special_ids: Sequence[int],
+        mask_token_id: int | None = None,
+        special_ids: Sequence[int] | None = None,
         generator_size: float = 0.25,
         mask_prob: float = 0.15,
         replace_probs: tuple[float, float, float] = (0.85, 0.0, 0.15),
@@ -50,15 +50,17 @@ class ReplacedTokenDetection(Objective):
         super().__init__(weight)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        self.mask_token_id = mask_token_id
-        self.special_ids = list(special_ids)
+        self.mask_token_id = mask_token_id  # None: the tokenizer's, given at bind
+        self.special_ids = list(special_ids) if special_ids is not None else None
         self.generator_size = generator_size
         self.mask_prob = mask_prob
         self.replace_probs = tuple(replace_probs)
         self.temperature = temperature
         self.discriminator_weight = discriminator_weight
 
-    def bind(self, backbone: Transformer) -> None:
+    def bind(self, backbone: Transformer, tokens: TokenIds | None = None) -> None:
+        self.mask_token_id, self.special_ids = resolve_masking_ids(
+            "ReplacedTokenDetection", self.mask_token_id, self.special_ids, tokens)
         config = backbone.config
         self.vocab_size = config.vocab_size
         self.generator = Transformer(generator_config(config, self.generator_size))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models import ClassificationHead, Transformer
-from objectives.base import Batch, Objective, ObjectiveOutput, accuracy_of
+from objectives.base import Batch, Objective, ObjectiveOutput, TokenIds, accuracy_of
 
 IN_ORDER, SWAPPED = 0, 1  # the Hugging Face convention for sentence_order_label
 
@@ -44,7 +44,7 @@ class SentenceOrderPrediction(Objective):
         super().__init__(weight)
         self.swap_prob = swap_prob
 
-    def bind(self, backbone: Transformer) -> None:
+    def bind(self, backbone: Transformer, tokens: TokenIds | None = None) -> None:
         self.head = ClassificationHead(backbone.config, num_labels=2)
 
     def corrupt(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:

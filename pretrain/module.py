@@ -10,10 +10,18 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
 from models import Transformer, TransformerConfig
-from objectives import Batch, Objective, ObjectiveOutput, check_combination
+from objectives import Batch, Objective, ObjectiveOutput, TokenIds, check_combination
 from pretrain.optim import OptimizerName, ScheduleName, build_optimizer, schedule_factor
+from pretrain.tokenizer import check_vocabulary, load_tokenizer, special_ids
 
 BACKBONE_INPUTS = ("attention_mask", "token_type_ids", "position_ids", "document_ids")
+
+
+def token_ids(tokenizer_path: str, vocab_size: int) -> TokenIds:
+    tokenizer = load_tokenizer(tokenizer_path)
+    check_vocabulary(tokenizer, vocab_size)
+    special = special_ids(tokenizer)
+    return TokenIds(mask=special.mask, special=special.all())
 
 
 class PretrainingModule(pl.LightningModule):
@@ -30,6 +38,8 @@ class PretrainingModule(pl.LightningModule):
         learning_rate: the peak learning rate, reached after `warmup_steps`.
         schedule: linear (warm-up then linear decay), cosine, inverse_sqrt or constant.
         total_steps: the length of the decay; by default the trainer's estimated number of steps.
+        tokenizer: its [MASK] and special-token ids go to the objectives that corrupt tokens (unless they were given
+            their own), and its vocabulary is checked against the backbone's.
     """
 
     def __init__(
@@ -44,14 +54,16 @@ class PretrainingModule(pl.LightningModule):
         schedule: ScheduleName = "linear",
         warmup_steps: int = 10_000,
         total_steps: int | None = None,
+        tokenizer: str | None = None,
     ):
         super().__init__()
         check_combination(objectives, backbone)
         self.save_hyperparameters(ignore=["backbone", "objectives"])
         self.hparams["backbone"] = dataclasses.asdict(backbone)
         self.backbone = Transformer(backbone)
+        tokens = token_ids(tokenizer, backbone.vocab_size) if tokenizer else None
         for objective in objectives:
-            objective.bind(self.backbone)
+            objective.bind(self.backbone, tokens)
         self.objectives = nn.ModuleList(objectives)
         self.accuracy = nn.ModuleDict({
             f"{stage}_{o.name}": MeanMetric(nan_strategy="disable") for stage in ("train", "val") for o in objectives

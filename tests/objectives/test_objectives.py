@@ -279,3 +279,17 @@ def test_rtd_low_temperature_samples_the_generators_argmax():
     selected = labels != IGNORE_INDEX
     argmax = rtd.generator_head(hidden[selected]).argmax(-1)
     assert torch.equal(corrupted["input_ids"][selected], argmax)
+
+
+def test_masking_ids_come_from_the_tokenizer_unless_given():
+    from objectives import TokenIds
+
+    backbone = Transformer(tiny_config())
+    mlm = MaskedLM()
+    mlm.bind(backbone, TokenIds(mask=MASK, special=SPECIAL_IDS))
+    assert mlm.mask_token_id == MASK and mlm.special_ids == SPECIAL_IDS
+    own = MaskedLM(mask_token_id=7, special_ids=[0, 7])
+    own.bind(backbone, TokenIds(mask=MASK, special=SPECIAL_IDS))
+    assert own.mask_token_id == 7 and own.special_ids == [0, 7]
+    with pytest.raises(ValueError, match="ReplacedTokenDetection needs mask_token_id and special_ids"):
+        ReplacedTokenDetection().bind(backbone)
