@@ -50,7 +50,40 @@ def train_tokenizer_command(args: argparse.Namespace) -> None:
           f"special ids {special_ids(tokenizer)}")
 
 
+LIGHTNING_COMMANDS = ("fit", "validate")
+
+
+def lightning_cli(argv: list[str], run: bool = True):
+    """`pretrain fit -c recipe.yaml [--section.key value ...]`: LightningCLI over PretrainingModule and
+    PretrainingDataModule; the resolved config is saved beside the logs and checkpoints. With run=False (argv without
+    the subcommand) the recipe is only parsed and its classes built."""
+    from pytorch_lightning.cli import LightningCLI
+
+    from pretrain.datamodule import PretrainingDataModule
+    from pretrain.module import PretrainingModule
+
+    class PretrainCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # the model reads the tokenizer's special ids once the data module exists (it may train the tokenizer)
+            parser.link_arguments("data", "model.tokenizer", compute_fn=lambda data: data.hparams.tokenizer,
+                                  apply_on="instantiate")
+
+    return PretrainCLI(PretrainingModule, PretrainingDataModule, args=None if argv == sys.argv[1:] else argv,
+                       save_config_kwargs={"overwrite": False}, run=run)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        debug = "--debug" in argv
+        try:
+            lightning_cli([a for a in argv if a != "--debug"])
+        except (UserError, ValueError) as error:  # ValueError: a config the models/objectives refuse
+            if debug:
+                raise
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return 0
     args = parser().parse_args(argv)
     try:
         if args.command == "quickstart":

@@ -23,7 +23,8 @@ from pretrain.preprocess import (
     tokenized_batches,
 )
 from pretrain.streaming import StreamingBlocks
-from pretrain.tokenizer import load_tokenizer, special_ids
+from pretrain.tokenizer import TokenizerKind, load_tokenizer, special_ids
+from pretrain.tokenizer import train_tokenizer as train_tokenizer_on
 
 
 def in_validation(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -73,6 +74,8 @@ class PretrainingDataModule(pl.LightningDataModule):
         word_starts: also give word-start flags (for whole-word masking).
         validation_files / validation_fraction: the validation split: separate files, or a fraction of documents.
         streaming: read, tokenize and pack on the fly (corpora larger than memory; "stream" layout only).
+        train_tokenizer: when `tokenizer` does not exist yet, train one of this kind (wordpiece, bpe, unigram) with
+            `tokenizer_vocab_size` tokens on `files` and save it there; an existing tokenizer is used as it is.
     """
 
     def __init__(
@@ -96,6 +99,8 @@ class PretrainingDataModule(pl.LightningDataModule):
         num_proc: int | None = None,
         cache_dir: str = ".cache/pretrain",
         seed: int = 0,
+        train_tokenizer: TokenizerKind | None = None,
+        tokenizer_vocab_size: int = 8000,
     ):
         super().__init__()
         if streaming and layout != "stream":
@@ -106,6 +111,11 @@ class PretrainingDataModule(pl.LightningDataModule):
         if not 0.0 <= validation_fraction < 1.0:
             raise UserError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
         self.save_hyperparameters()
+        if train_tokenizer and not Path(tokenizer).exists():
+            corpus = load_corpus(files, text_field, documents_by, clean, Path(cache_dir) / "datasets")
+            trained = train_tokenizer_on(corpus["text"], train_tokenizer, tokenizer_vocab_size)
+            Path(tokenizer).parent.mkdir(parents=True, exist_ok=True)
+            trained.save(str(tokenizer))
         self.tokenizer = load_tokenizer(tokenizer)
         self.special = special_ids(self.tokenizer)
         if self.special.sep is None and self.special.eos is None:

@@ -1,0 +1,74 @@
+"""`pretrain fit` and the recipes under configs/."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import Transformer, TransformerConfig
+from pretrain.cli import lightning_cli, main
+from pretrain.data import BUNDLED_CORPUS
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+RECIPES = sorted(CONFIGS.rglob("*.yaml"))
+PRESET_OF = {"bert-base": "bert-base", "albert-base": "albert-base", "electra-small": "electra-small",
+             "gpt2-small": "gpt2-small"}
+
+
+def overrides(tmp_path: Path, recipe: Path) -> list[str]:
+    """Run a recipe here: the bundled corpus, a small tokenizer trained into tmp_path, logs into tmp_path."""
+    return ["--data.files", f"[{BUNDLED_CORPUS}]", "--data.tokenizer", str(tmp_path / f"{recipe.stem}.json"),
+            "--data.tokenizer_vocab_size", "400", "--data.cache_dir", str(tmp_path / "cache"),
+            "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.accelerator", "cpu"]
+
+
+def test_there_are_recipes_for_every_family():
+    names = {str(p.relative_to(CONFIGS)) for p in RECIPES}
+    assert {"bert-base.yaml", "roberta-base.yaml", "albert-base.yaml", "electra-small.yaml", "gpt2-small.yaml",
+            "tiny/bert.yaml", "tiny/roberta.yaml", "tiny/albert.yaml", "tiny/electra.yaml", "tiny/gpt2.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_recipe_parses_and_builds_its_model(recipe, tmp_path):
+    cli = lightning_cli(["-c", str(recipe), *overrides(tmp_path, recipe), "--trainer.precision", "32-true"],
+                        run=False)
+    config = cli.model.backbone.config
+    assert cli.model.backbone.num_parameters() > 0 and cli.datamodule.vocab_size <= config.vocab_size
+    if recipe.stem in PRESET_OF and recipe.parent == CONFIGS:
+        assert config == TransformerConfig.preset(PRESET_OF[recipe.stem])
+    names = [o.name for o in cli.model.objectives]
+    expected = {"bert": ["mlm", "nsp"], "roberta": ["mlm"], "albert": ["mlm", "sop"], "electra": ["rtd"],
+                "gpt2": ["clm"]}[recipe.stem.split("-")[0]]
+    assert names == expected
+
+
+@pytest.mark.parametrize("recipe", sorted((CONFIGS / "tiny").glob("*.yaml")), ids=lambda p: p.stem)
+def test_tiny_recipe_fits_and_writes_a_checkpoint(recipe, tmp_path):
+    code = main(["fit", "-c", str(recipe), *overrides(tmp_path, recipe), "--trainer.max_steps", "3",
+                 "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1", "--model.warmup_steps", "1",
+                 "--trainer.enable_progress_bar", "false"])
+    assert code == 0
+    checkpoints = list((tmp_path / "runs").rglob("*.ckpt"))
+    assert len(checkpoints) == 1 and (checkpoints[0].parent.parent / "config.yaml").is_file()
+    state = torch.load(checkpoints[0], map_location="cpu", weights_only=False)
+    assert state["global_step"] == 3
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["fit", "-c", "configs/does-not-exist.yaml"], "does-not-exist.yaml"),
+    (["fit", "-c", "configs/tiny/bert.yaml", "--model.learning_rat", "1"], "learning_rat"),
+    (["fit", "-c", "configs/tiny/bert.yaml", "--model.warmup_steps", "100", "--trainer.max_steps", "5"],
+     "must exceed warmup_steps"),
+])
+def test_bad_input_is_one_clear_error(arguments, message, tmp_path):
+    process = subprocess.run([sys.executable, "-m", "pretrain.cli", *arguments,
+                              "--data.cache_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path)],
+                             capture_output=True, text=True, cwd=CONFIGS.parent)
+    assert process.returncode == 2
+    assert message in process.stderr and "Traceback" not in process.stderr
+
+
+def test_a_recipe_model_is_the_preset():
+    assert Transformer(TransformerConfig.preset("bert-tiny")).num_parameters() > 0  # presets stay importable
