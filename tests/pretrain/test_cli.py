@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import Transformer, TransformerConfig
+from models import TransformerConfig
 from pretrain.cli import lightning_cli, main
 from pretrain.data import BUNDLED_CORPUS
 
@@ -58,7 +58,7 @@ def test_tiny_recipe_fits_and_writes_a_checkpoint(recipe, tmp_path):
 
 @pytest.mark.parametrize("arguments, message", [
     (["fit", "-c", "configs/does-not-exist.yaml"], "does-not-exist.yaml"),
-    (["fit", "-c", "configs/tiny/bert.yaml", "--model.learning_rat", "1"], "learning_rat"),
+    (["fit", "-c", "configs/tiny/bert.yaml", "--model.learnin_rate", "1"], "learnin_rate"),
     (["fit", "-c", "configs/tiny/bert.yaml", "--model.warmup_steps", "100", "--trainer.max_steps", "5"],
      "must exceed warmup_steps"),
 ])
@@ -70,5 +70,9 @@ def test_bad_input_is_one_clear_error(arguments, message, tmp_path):
     assert message in process.stderr and "Traceback" not in process.stderr
 
 
-def test_a_recipe_model_is_the_preset():
-    assert Transformer(TransformerConfig.preset("bert-tiny")).num_parameters() > 0  # presets stay importable
+def test_a_misspelt_key_in_a_recipe_is_one_clear_error(tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text((CONFIGS / "tiny" / "bert.yaml").read_text().replace("learning_rate", "learnin_rate"))
+    process = subprocess.run([sys.executable, "-m", "pretrain.cli", "fit", "-c", str(recipe)], capture_output=True,
+                             text=True, cwd=tmp_path)
+    assert process.returncode == 2 and "learnin_rate" in process.stderr and "Traceback" not in process.stderr
