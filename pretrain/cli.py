@@ -32,6 +32,9 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--documents-by", choices=["paragraph", "line"], default="paragraph")
     train.add_argument("--clean", action="store_true", help="turn HTML <br /> tags into newlines, unescape entities")
     train.add_argument("--cased", action="store_true", help="keep case (WordPiece and Unigram lowercase by default)")
+    for name in LIGHTNING_COMMANDS:  # listed here for --help; main() hands them to LightningCLI
+        commands.add_parser(name, help=f"{name} a YAML recipe: pretrain {name} -c configs/tiny/bert.yaml "
+                                       f"(all options: pretrain {name} --help)")
     return root
 
 
@@ -74,10 +77,11 @@ def lightning_cli(argv: list[str], run: bool = True):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in LIGHTNING_COMMANDS:
-        debug = "--debug" in argv
+    rest = [a for a in argv if a != "--debug"]
+    if rest and rest[0] in LIGHTNING_COMMANDS:
+        debug = len(rest) < len(argv)
         try:
-            lightning_cli([a for a in argv if a != "--debug"])
+            lightning_cli(rest)
         except (UserError, ValueError) as error:  # ValueError: a config the models/objectives refuse
             if debug:
                 raise
