@@ -22,6 +22,12 @@ from models import TransformerConfig
 
 Batch = dict[str, Tensor]
 Layout = Literal["stream", "pairs"]
+BACKBONE_INPUTS = ("attention_mask", "token_type_ids", "position_ids", "document_ids")
+
+
+def backbone_inputs(batch: Batch) -> dict[str, Tensor]:
+    """The batch's optional inputs of `Transformer.forward` (all but input_ids)."""
+    return {key: batch[key] for key in BACKBONE_INPUTS if key in batch}
 
 
 @dataclass(frozen=True)

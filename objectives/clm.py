@@ -11,12 +11,12 @@ from objectives.masking import IGNORE_INDEX
 
 def next_token_labels(batch: Batch) -> torch.Tensor:
     """Labels (B, T-1) for positions 0..T-2: the next token, or -100 where it is padding or another document's."""
-    labels = batch["input_ids"][:, 1:].clone()
-    if "attention_mask" in batch:
-        labels[batch["attention_mask"][:, 1:] == 0] = IGNORE_INDEX
+    labels = batch["input_ids"][:, 1:]
+    if "attention_mask" in batch:  # masked_fill, not boolean indexing: no host sync in the training step
+        labels = labels.masked_fill(batch["attention_mask"][:, 1:] == 0, IGNORE_INDEX)
     if "document_ids" in batch:
         documents = batch["document_ids"]
-        labels[documents[:, 1:] != documents[:, :-1]] = IGNORE_INDEX
+        labels = labels.masked_fill(documents[:, 1:] != documents[:, :-1], IGNORE_INDEX)
     return labels
 
 

@@ -38,8 +38,9 @@ def mask_tokens(
         raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
     if word_starts is not None and num_masked is not None:
         raise ValueError("whole-word masking (word_starts) and a fixed num_masked per row cannot be combined")
-    specials = torch.tensor(sorted(set(special_ids)), device=input_ids.device, dtype=input_ids.dtype)
-    maskable = ~torch.isin(input_ids, specials)
+    maskable = torch.ones_like(input_ids, dtype=torch.bool)
+    for special in set(special_ids):  # comparisons with Python ints: no tensor built and copied each step
+        maskable &= input_ids != special
     if attention_mask is not None:
         maskable &= attention_mask.bool()
 

@@ -64,8 +64,12 @@ class MaskedLM(Objective):
         )
         return {**batch, "input_ids": corrupted, "mlm_labels": labels}
 
+    def predict(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, V) and labels (N,) at the selected positions: the output layer sees those alone."""
+        hidden, labels = gather_selected(hidden_states, labels, self.num_masked)  # (N, H), (N,)
+        return self.head(hidden), labels
+
     def forward(self, hidden_states: torch.Tensor, batch: Batch) -> ObjectiveOutput:
-        hidden, labels = gather_selected(hidden_states, batch["mlm_labels"], self.num_masked)  # (N, H), (N,)
-        logits = self.head(hidden)  # (N, V): the output layer sees the selected positions only
+        logits, labels = self.predict(hidden_states, batch["mlm_labels"])
         loss = token_cross_entropy(logits, labels)
         return ObjectiveOutput(loss, accuracy_of(logits, labels), counted=(labels != IGNORE_INDEX).float())

@@ -9,9 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import LMHead, TokenScorer, Transformer, TransformerConfig
-from objectives.base import Batch, Objective, ObjectiveOutput, TokenIds, resolve_masking_ids, token_cross_entropy
-from objectives.masking import IGNORE_INDEX, gather_selected, mask_tokens
+from models import TokenScorer, Transformer, TransformerConfig
+from objectives.base import (
+    Batch,
+    Objective,
+    ObjectiveOutput,
+    TokenIds,
+    backbone_inputs,
+    resolve_masking_ids,
+    token_cross_entropy,
+)
+from objectives.masking import IGNORE_INDEX
+from objectives.mlm import MaskedLM
 
 
 def generator_config(config: TransformerConfig, size: float) -> TransformerConfig:
@@ -50,47 +59,37 @@ class ReplacedTokenDetection(Objective):
         super().__init__(weight)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        self.mask_token_id = mask_token_id  # None: the tokenizer's, given at bind
-        self.special_ids = list(special_ids) if special_ids is not None else None
+        # The generator is a small MLM model: its masking, output layer and loss are MaskedLM's.
+        self.generator_mlm = MaskedLM(mask_token_id, special_ids, mask_prob, replace_probs)
         self.generator_size = generator_size
-        self.mask_prob = mask_prob
-        self.replace_probs = tuple(replace_probs)
         self.temperature = temperature
         self.discriminator_weight = discriminator_weight
 
     def bind(self, backbone: Transformer, tokens: TokenIds | None = None) -> None:
-        self.mask_token_id, self.special_ids = resolve_masking_ids(
-            "ReplacedTokenDetection", self.mask_token_id, self.special_ids, tokens)
-        config = backbone.config
-        self.vocab_size = config.vocab_size
-        self.generator = Transformer(generator_config(config, self.generator_size))
+        mask, special = resolve_masking_ids("ReplacedTokenDetection", self.generator_mlm.mask_token_id,
+                                            self.generator_mlm.special_ids, tokens)
+        self.generator = Transformer(generator_config(backbone.config, self.generator_size))
         for name, module in backbone.embeddings.named_children():  # token, position and segment embeddings:
             if isinstance(module, nn.Embedding):  # the same modules, hence the same tensors
                 setattr(self.generator.embeddings, name, module)
-        self.generator_head = LMHead(self.generator.config, backbone.embeddings.word)
-        self.scorer = TokenScorer(config)
+        self.generator_mlm.bind(self.generator, TokenIds(mask, special))  # its head: the shared word embeddings
+        self.scorer = TokenScorer(backbone.config)
 
     def corrupt(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         original = batch["input_ids"]
-        masked, labels = mask_tokens(
-            original, mask_token_id=self.mask_token_id, vocab_size=self.vocab_size, special_ids=self.special_ids,
-            mask_prob=self.mask_prob, generator=generator, replace_probs=self.replace_probs,
-            attention_mask=batch.get("attention_mask"),
-        )
-        hidden = self.generator(masked, attention_mask=batch.get("attention_mask"),
-                                token_type_ids=batch.get("token_type_ids"), position_ids=batch.get("position_ids"),
-                                document_ids=batch.get("document_ids"))
-        selected = labels != IGNORE_INDEX  # (B, T)
-        selected_hidden, selected_labels = gather_selected(hidden, labels)
-        logits = self.generator_head(selected_hidden).float()  # (N, V)
-        generator_loss = token_cross_entropy(logits, selected_labels)
+        masked = self.generator_mlm.corrupt(batch, generator)
+        hidden = self.generator(masked["input_ids"], **backbone_inputs(batch))
+        selected = masked["mlm_labels"] != IGNORE_INDEX  # (B, T)
+        logits, labels = self.generator_mlm.predict(hidden, masked["mlm_labels"])  # (N, V), (N,)
+        logits = logits.float()
+        generator_loss = token_cross_entropy(logits, labels)
         with torch.no_grad():  # sampling is not differentiable: the discriminator's loss never reaches the generator
             probabilities = torch.softmax(logits / self.temperature, dim=-1)
             sampled = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
         corrupted = original.masked_scatter(selected, sampled)
         replaced = corrupted != original  # a sample equal to the original counts as not replaced
         return {**batch, "input_ids": corrupted, "rtd_labels": replaced.float(), "rtd_generator_loss": generator_loss,
-                "rtd_generator_correct": (logits.argmax(-1) == selected_labels).float().sum() / max(len(logits), 1)}
+                "rtd_generator_correct": (logits.argmax(-1) == labels).float().sum() / max(len(logits), 1)}
 
     def forward(self, hidden_states: torch.Tensor, batch: Batch) -> ObjectiveOutput:
         logits = self.scorer(hidden_states).float()  # (B, T)

@@ -11,10 +11,9 @@ from torchmetrics.aggregation import MeanMetric
 
 from models import Transformer, TransformerConfig
 from objectives import Batch, Objective, ObjectiveOutput, TokenIds, check_combination
+from objectives.base import backbone_inputs
 from pretrain.optim import OptimizerName, ScheduleName, build_optimizer, schedule_factor
 from pretrain.tokenizer import check_vocabulary, load_tokenizer, special_ids
-
-BACKBONE_INPUTS = ("attention_mask", "token_type_ids", "position_ids", "document_ids")
 
 
 def token_ids(tokenizer_path: str, vocab_size: int) -> TokenIds:
@@ -73,7 +72,7 @@ class PretrainingModule(pl.LightningModule):
         """The weighted total loss of one step and each objective's output."""
         for objective in self.objectives:
             batch = objective.corrupt(batch)
-        hidden_states = self.backbone(batch["input_ids"], **{k: batch[k] for k in BACKBONE_INPUTS if k in batch})
+        hidden_states = self.backbone(batch["input_ids"], **backbone_inputs(batch))
         outputs = {objective.name: objective(hidden_states, batch) for objective in self.objectives}
         total = sum(objective.weight * outputs[objective.name].loss for objective in self.objectives)
         return total, outputs

@@ -135,7 +135,7 @@ def test_rtd_shares_embeddings_and_sizes_the_generator():
     backbone, rtd, *_ = rtd_step(generator_size=0.5)
     for name in ("word", "position", "token_type"):
         assert getattr(rtd.generator.embeddings, name).weight is getattr(backbone.embeddings, name).weight
-    assert rtd.generator_head.weight is backbone.embeddings.word.weight
+    assert rtd.generator_mlm.head.weight is backbone.embeddings.word.weight
     assert rtd.generator.config.hidden_size == 32 and rtd.generator.config.num_heads == 1
     assert rtd.generator.config.intermediate_size == 64 and rtd.generator.config.num_layers == 2
 
@@ -146,7 +146,7 @@ def test_no_discriminator_gradient_reaches_the_generator():
     generator_only = [p for n, p in rtd.generator.named_parameters() if not n.startswith("embeddings.")
                       or n.startswith(("embeddings.norm", "embeddings.projection"))]
     assert generator_only and all(p.grad is None for p in generator_only)
-    assert all(p.grad is None for p in rtd.generator_head.transform.parameters())
+    assert all(p.grad is None for p in rtd.generator_mlm.head.transform.parameters())
     assert backbone.attention_layers[0].qkv.weight.grad is not None  # the discriminator did learn
 
 
@@ -277,7 +277,7 @@ def test_rtd_low_temperature_samples_the_generators_argmax():
                                  replace_probs=(0.85, 0.0, 0.15), attention_mask=batch["attention_mask"])
     hidden = rtd.generator(masked, attention_mask=batch["attention_mask"])
     selected = labels != IGNORE_INDEX
-    argmax = rtd.generator_head(hidden[selected]).argmax(-1)
+    argmax = rtd.generator_mlm.head(hidden[selected]).argmax(-1)
     assert torch.equal(corrupted["input_ids"][selected], argmax)
 
 
