@@ -39,17 +39,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def train_tokenizer_command(args: argparse.Namespace) -> None:
-    from pretrain.corpus import load_corpus
-    from pretrain.tokenizer import special_ids, train_tokenizer
+    from pretrain.tokenizer import special_ids, train_tokenizer_on_files
 
     target = args.out / "tokenizer.json"
-    if target.exists():
-        raise UserError(f"{target} already exists; choose another --out (nothing was overwritten)")
-    corpus = load_corpus(args.corpus, args.text_field, args.documents_by, args.clean)
-    tokenizer = train_tokenizer(corpus["text"], args.kind, args.vocab_size, lowercase=not args.cased)
-    args.out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(target))
-    print(f"saved {target}: {args.kind}, {tokenizer.get_vocab_size():,} tokens, trained on {len(corpus):,} documents; "
+    tokenizer, documents = train_tokenizer_on_files(args.corpus, args.kind, args.vocab_size, target, args.text_field,
+                                                    args.documents_by, args.clean, lowercase=not args.cased)
+    print(f"saved {target}: {args.kind}, {tokenizer.get_vocab_size():,} tokens, trained on {documents:,} documents; "
           f"special ids {special_ids(tokenizer)}")
 
 

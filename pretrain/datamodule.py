@@ -23,8 +23,7 @@ from pretrain.preprocess import (
     tokenized_batches,
 )
 from pretrain.streaming import StreamingBlocks
-from pretrain.tokenizer import TokenizerKind, load_tokenizer, special_ids
-from pretrain.tokenizer import train_tokenizer as train_tokenizer_on
+from pretrain.tokenizer import TokenizerKind, load_tokenizer, special_ids, train_tokenizer_on_files
 
 
 def in_validation(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -112,10 +111,8 @@ class PretrainingDataModule(pl.LightningDataModule):
             raise UserError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
         self.save_hyperparameters()
         if train_tokenizer and not Path(tokenizer).exists():
-            corpus = load_corpus(files, text_field, documents_by, clean, Path(cache_dir) / "datasets")
-            trained = train_tokenizer_on(corpus["text"], train_tokenizer, tokenizer_vocab_size)
-            Path(tokenizer).parent.mkdir(parents=True, exist_ok=True)
-            trained.save(str(tokenizer))
+            train_tokenizer_on_files(files, train_tokenizer, tokenizer_vocab_size, tokenizer, text_field, documents_by,
+                                     clean, cache_dir=Path(cache_dir) / "datasets")
         self.tokenizer = load_tokenizer(tokenizer)
         self.special = special_ids(self.tokenizer)
         if self.special.sep is None and self.special.eos is None:

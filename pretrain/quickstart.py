@@ -19,6 +19,7 @@ from safetensors.torch import save_model
 from models import ModelWithHeads, TransformerConfig
 from objectives import CausalLM
 from pretrain.errors import UserError
+from pretrain.generate import LanguageModel, generate
 from pretrain.module import PretrainingModule
 
 
@@ -89,20 +90,13 @@ def run(corpus: Path, out_dir: Path, steps: int = 600, batch_size: int = 16, seq
     results = {"valid_loss": valid_loss, "valid_perplexity": math.exp(valid_loss)}
     print(f"validation loss {valid_loss:.3f} (perplexity {math.exp(valid_loss):.2f}; uniform over bytes would be "
           f"{math.log(256):.3f})")
-    print("sample:", sample(model, b"ROMEO:", 200, torch.Generator().manual_seed(seed)).decode("utf-8", "replace"))
+    prompt = list(b"ROMEO:")
+    generated = generate(LanguageModel(module.backbone, module.objectives[0].head), [prompt], "sample", seed=seed,
+                         max_new_tokens=seq_len - len(prompt))[0]  # within the model's context
+    print("sample:", bytes(prompt + generated).decode("utf-8", "replace"))
     save_model(model, str(out_dir / "model.safetensors"))
     (out_dir / "config.json").write_text(json.dumps(
         {"model": model.config.to_dict(), "heads": ["clm"], "tokenizer": "bytes", "results": results}, indent=2))
     print(f"saved {out_dir / 'model.safetensors'} and {out_dir / 'config.json'}; training log in {out_dir / 'logs'}")
     return results
 
-
-@torch.no_grad()
-def sample(model: ModelWithHeads, prompt: bytes, length: int, generator: torch.Generator) -> bytes:
-    """Multinomial sampling, one byte at a time, within the model's context."""
-    tokens = torch.tensor([list(prompt)])
-    context = model.config.max_position_embeddings
-    for _ in range(length):
-        logits = model(tokens[:, -context:])["clm"][0, -1]
-        tokens = torch.cat([tokens, torch.multinomial(logits.softmax(-1), 1, generator=generator)[None]], dim=1)
-    return bytes(tokens[0].tolist())

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -102,6 +102,24 @@ def train_tokenizer(texts: Iterable[str], kind: TokenizerKind, vocab_size: int, 
         raise UserError("the corpus yielded no vocabulary: is it empty?")
     tokenizer.post_processor = _post_processor(kind, tokenizer)
     return tokenizer
+
+
+def train_tokenizer_on_files(
+    files: Sequence[str | Path], kind: TokenizerKind, vocab_size: int, target: str | Path, text_field: str = "text",
+    documents_by: str = "paragraph", clean: bool = False, lowercase: bool = True, cache_dir: str | Path | None = None,
+) -> tuple[Tokenizer, int]:
+    """Train on corpus files (see `pretrain.corpus.load_corpus`) and save to `target`, a tokenizer.json path that
+    must not exist yet. Returns the tokenizer and the number of documents it was trained on."""
+    from pretrain.corpus import load_corpus
+
+    target = Path(target)
+    if target.exists():
+        raise UserError(f"{target} already exists; choose another path (nothing was overwritten)")
+    corpus = load_corpus(files, text_field, documents_by, clean, cache_dir)
+    tokenizer = train_tokenizer(corpus["text"], kind, vocab_size, lowercase=lowercase)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(target))
+    return tokenizer, len(corpus)
 
 
 def _non_empty(texts: Iterable[str]) -> Iterator[str]:
