@@ -53,21 +53,71 @@ LIGHTNING_COMMANDS = ("fit", "validate")
 
 def lightning_cli(argv: list[str], run: bool = True):
     """`pretrain fit -c recipe.yaml [--section.key value ...]`: LightningCLI over PretrainingModule and
-    PretrainingDataModule; the resolved config is saved beside the logs and checkpoints. With run=False (argv without
-    the subcommand) the recipe is only parsed and its classes built."""
-    from pytorch_lightning.cli import LightningCLI
+    PretrainingDataModule. A run directory (`trainer.default_root_dir`) holds `checkpoints/` (last.ckpt, for
+    `--ckpt_path last`) and `logs/version_N/` (CSV and TensorBoard logs and the resolved config.yaml, one version
+    per fit or resume). With run=False (argv without the subcommand) the recipe is only parsed and its classes built."""
+    from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
+    from pretrain.checkpoints import Checkpoints
     from pretrain.datamodule import PretrainingDataModule
     from pretrain.module import PretrainingModule
+
+    class SaveConfig(SaveConfigCallback):
+        """Saves config.yaml beside the logs, and the same resolved recipe inside every checkpoint."""
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+            checkpoint["config"] = self.parser.dump(self.config, skip_none=False)
 
     class PretrainCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             # the model reads the tokenizer's special ids once the data module exists (it may train the tokenizer)
             parser.link_arguments("data", "model.tokenizer", compute_fn=lambda data: data.hparams.tokenizer,
                                   apply_on="instantiate")
+            parser.add_lightning_class_args(Checkpoints, "checkpoint")
+            parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
+                                 "checkpoint.every_n_train_steps": 1000})
+
+        def _parse_ckpt_path(self) -> None:  # LightningCLI reads the checkpoint's hyper-parameters here, first
+            if self.config.get("subcommand") == "fit":
+                check_checkpoint_path(self.config.fit.get("ckpt_path"), None)
+            super()._parse_ckpt_path()
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            self.run_dir = Path(config.trainer.default_root_dir or ".")
+            if config.checkpoint.dirpath is None:
+                config.checkpoint.dirpath = str(self.run_dir / "checkpoints")
+            if self.subcommand == "fit":
+                check_checkpoint_path(config.ckpt_path, Path(config.checkpoint.dirpath))
+
+        def instantiate_trainer(self, **kwargs):
+            trainer = self._get(self.config_init, "trainer", default={})
+            if trainer.get("logger") in (None, True):  # CSV and TensorBoard, in the same version directory
+                csv = CSVLogger(self.run_dir, name="logs")
+                kwargs["logger"] = [csv, TensorBoardLogger(self.run_dir, name="logs", version=csv.version,
+                                                           default_hp_metric=False)]
+            return super().instantiate_trainer(**kwargs)
 
     return PretrainCLI(PretrainingModule, PretrainingDataModule, args=None if argv == sys.argv[1:] else argv,
-                       save_config_kwargs={"overwrite": False}, run=run)
+                       save_config_callback=SaveConfig, save_config_kwargs={"overwrite": False},
+                       seed_everything_default=0, run=run)
+
+
+def check_checkpoint_path(ckpt_path: str | None, checkpoints: Path | None) -> None:
+    """Refuse, before anything is built, to resume from a missing or damaged file, or to start a new run over an
+    earlier run's checkpoints (in `checkpoints`, where known)."""
+    from pretrain.checkpoints import check_checkpoint_file
+
+    if ckpt_path is None:
+        if checkpoints is not None and checkpoints.is_dir() and any(checkpoints.glob("*.ckpt")):
+            raise UserError(f"{checkpoints} already holds checkpoints of an earlier run: resume it with --ckpt_path "
+                            "last, or start a new run elsewhere with --trainer.default_root_dir")
+    elif ckpt_path == "last":
+        if checkpoints is not None and (checkpoints / "last.ckpt").exists():
+            check_checkpoint_file(checkpoints / "last.ckpt")
+    elif ckpt_path not in ("best", "hpc", "registry"):
+        check_checkpoint_file(Path(ckpt_path))
 
 
 def main(argv: list[str] | None = None) -> int:

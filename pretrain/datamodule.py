@@ -46,6 +46,25 @@ class ArrayExamples(torch.utils.data.Dataset):
         return {name: np.asarray(values[index]) for name, values in self.arrays.items()}
 
 
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """This rank's share of a (shuffled) epoch, the permutation drawn from (seed, epoch) alone, that can start the
+    epoch `skip` examples in: a resumed run sees exactly the examples an uninterrupted run would have. A
+    `DistributedSampler`, so Lightning keeps it as it is under DDP/FSDP."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, shuffle: bool, seed: int):
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        super().__init__(dataset, num_replicas=torch.distributed.get_world_size() if distributed else 1,
+                         rank=torch.distributed.get_rank() if distributed else 0, shuffle=shuffle, seed=seed)
+        self.resume: tuple[int, int] | None = None  # (epoch, examples of this rank's share to skip)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        if self.resume is not None and self.resume[0] == self.epoch:
+            indices = indices[self.resume[1]:]
+        self.resume = None
+        return iter(indices)
+
+
 def collate(examples: list[dict[str, np.ndarray]]) -> Batch:
     """Stack examples into a batch: input_ids, attention_mask (from each example's length) and, where present,
     document_ids, word_starts, token_type_ids, next_sentence_label."""
@@ -118,6 +137,8 @@ class PretrainingDataModule(pl.LightningDataModule):
         if self.special.sep is None and self.special.eos is None:
             raise UserError(f"the tokenizer {tokenizer} has no separator token ([SEP], </s> or <|endoftext|>)")
         self.datasets: dict[str, torch.utils.data.Dataset] = {}
+        self.position = {"epoch": 0, "batches": 0}  # training batches this rank consumed in this epoch
+        self._resume_from: dict[str, int] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -183,24 +204,50 @@ class PretrainingDataModule(pl.LightningDataModule):
         return self.special.cls
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader("train", shuffle=not self.hparams.streaming)
+        dataset, hp = self.datasets["train"], self.hparams
+        resume = self._resume_from
+        self._resume_from = None
+        if isinstance(dataset, StreamingBlocks):
+            dataset.resume_batches = resume["batches"] if resume else 0
+            dataset.batch_size = hp.batch_size
+            return self._loader(dataset, sampler=None)
+        sampler = ResumableSampler(dataset, shuffle=True, seed=hp.seed)
+        if resume:
+            sampler.resume = (resume["epoch"], resume["batches"] * hp.batch_size)
+        return self._loader(dataset, sampler)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader("val", shuffle=False) if "val" in self.datasets else []
+        if "val" not in self.datasets:
+            return []
+        dataset = self.datasets["val"]
+        sampler = None if isinstance(dataset, StreamingBlocks) else ResumableSampler(dataset, False, self.hparams.seed)
+        return self._loader(dataset, sampler)
 
-    def _loader(self, split: str, shuffle: bool) -> torch.utils.data.DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+    def _loader(self, dataset: torch.utils.data.Dataset, sampler: ResumableSampler | None
+                ) -> torch.utils.data.DataLoader:
+        """Every loader has its own generator (the workers' base seed): loading never draws from the global RNG,
+        which dropout uses and checkpoints restore."""
+        workers = self.hparams.num_workers
         return torch.utils.data.DataLoader(
-            self.datasets[split], batch_size=self.hparams.batch_size, shuffle=shuffle, generator=generator,
-            collate_fn=collate, num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
+            dataset, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
+            generator=torch.Generator().manual_seed(self.hparams.seed),
+            persistent_workers=workers > 0,  # also: a streaming worker's copy drops its resume skip after one pass
         )
 
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """Count the training batches consumed (here, not in the loader: Lightning and the workers fetch ahead)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            if self.position["epoch"] != trainer.current_epoch:
+                self.position = {"epoch": trainer.current_epoch, "batches": 0}
+            self.position["batches"] += 1
+        return batch
+
     def state_dict(self) -> dict:
-        """The streaming position, saved in Lightning checkpoints for exact resume."""
-        train = self.datasets.get("train")
-        return {"train": train.state_dict()} if isinstance(train, StreamingBlocks) else {}
+        """The data position, saved in Lightning checkpoints: a resumed run continues the epoch where it stopped."""
+        return dict(self.position)
 
     def load_state_dict(self, state: dict) -> None:
-        if "train" in state:
-            self.setup()
-            self.datasets["train"].load_state_dict(state["train"])
+        if "epoch" in state:
+            self.position = dict(state)
+            self._resume_from = dict(state)

@@ -51,7 +51,8 @@ def test_tiny_recipe_fits_and_writes_a_checkpoint(recipe, tmp_path):
                  "--trainer.enable_progress_bar", "false"])
     assert code == 0
     checkpoints = list((tmp_path / "runs").rglob("*.ckpt"))
-    assert len(checkpoints) == 1 and (checkpoints[0].parent.parent / "config.yaml").is_file()
+    assert [c.name for c in checkpoints] == ["last.ckpt"]
+    assert (tmp_path / "runs" / "logs" / "version_0" / "config.yaml").is_file()
     state = torch.load(checkpoints[0], map_location="cpu", weights_only=False)
     assert state["global_step"] == 3
 
@@ -76,3 +77,23 @@ def test_a_misspelt_key_in_a_recipe_is_one_clear_error(tmp_path):
     process = subprocess.run([sys.executable, "-m", "pretrain.cli", "fit", "-c", str(recipe)], capture_output=True,
                              text=True, cwd=tmp_path)
     assert process.returncode == 2 and "learnin_rate" in process.stderr and "Traceback" not in process.stderr
+
+
+def run_cli(*arguments: str, cwd: Path = CONFIGS.parent) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain.cli", *arguments], capture_output=True, text=True, cwd=cwd)
+
+
+def test_bad_checkpoints_are_one_clear_error_and_nothing_is_overwritten(tmp_path):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    truncated = checkpoints / "last.ckpt"
+    truncated.write_bytes(b"PK\x03\x04" + b"\x00" * 100)  # the start of a zip archive, cut off
+    common = ["fit", "-c", "configs/tiny/bert.yaml", "--trainer.default_root_dir", str(tmp_path / "run")]
+    for extra, message in [(["--ckpt_path", str(tmp_path / "nope.ckpt")], "nope.ckpt does not exist"),
+                           (["--ckpt_path", str(truncated)], "not a readable checkpoint"),
+                           (["--ckpt_path", "last"], "not a readable checkpoint"),
+                           ([], "already holds checkpoints of an earlier run")]:
+        process = run_cli(*common, *extra)
+        assert process.returncode == 2 and message in process.stderr and "Traceback" not in process.stderr, extra
+    assert truncated.read_bytes() == b"PK\x03\x04" + b"\x00" * 100
+    assert not (tmp_path / "run" / "logs").exists()

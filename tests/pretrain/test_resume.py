@@ -1,0 +1,57 @@
+"""Exact resume: a run stopped and resumed with `--ckpt_path last` ends bitwise where an uninterrupted run ends."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.cli import main
+from pretrain.data import BUNDLED_CORPUS
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def fit(recipe: str, run_dir: Path, shared: Path, max_steps: int, *extra: str) -> None:
+    """8 steps in all (the schedule is set for 8 whatever max_steps says), epochs of 3 batches, validation every 2
+    steps, dropout on."""
+    code = main(["fit", "-c", str(CONFIGS / "tiny" / recipe), "--data.files", f"[{BUNDLED_CORPUS}]",
+                 "--data.tokenizer", str(shared / f"{recipe}.json"), "--data.tokenizer_vocab_size", "400",
+                 "--data.cache_dir", str(shared / "cache"), "--trainer.default_root_dir", str(run_dir),
+                 "--trainer.accelerator", "cpu", "--trainer.max_steps", str(max_steps), "--model.total_steps", "8",
+                 "--model.warmup_steps", "2", "--trainer.limit_train_batches", "3", "--trainer.val_check_interval",
+                 "2", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
+                 "--trainer.enable_progress_bar", "false", "--model.backbone.dropout", "0.1", *extra])
+    assert code == 0
+
+
+def logged(run_dir: Path, column: str) -> dict[int, str]:
+    """step -> value of one column over every version (fit and resumes) of a run's CSV logs."""
+    values = {}
+    for path in sorted((run_dir / "logs").glob("version_*/metrics.csv")):
+        with path.open() as file:
+            for row in csv.DictReader(file):
+                if row.get(column):
+                    values[int(row["step"])] = row[column]
+    return values
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("recipe, stop", [("bert.yaml", 4), ("electra.yaml", 3)])
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(recipe, stop, tmp_path):
+    # stop=4: mid-epoch (epoch 1, one batch in); stop=3: at the end of epoch 0
+    fit(recipe, tmp_path / "straight", tmp_path, 8)
+    fit(recipe, tmp_path / "resumed", tmp_path, stop)  # stops; its last.ckpt is written at the end
+    fit(recipe, tmp_path / "resumed", tmp_path, 8, "--ckpt_path", "last")
+
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    different = [name for name in straight if not torch.equal(straight[name], resumed[name])]
+    assert different == []
+    for column in ("train/loss", "val/loss"):
+        losses = logged(tmp_path / "straight", column)
+        assert len(losses) >= 3 and losses == logged(tmp_path / "resumed", column), column
+    assert len(list((tmp_path / "resumed" / "logs").glob("version_*"))) == 2  # the resume logged beside the first
