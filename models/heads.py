@@ -104,3 +104,17 @@ class ModelWithHeads(nn.Module):
         """Every head's output on the full hidden states, keyed by head name, plus "hidden_states" (B, T, H)."""
         hidden_states = self.backbone(input_ids, **backbone_inputs)
         return {"hidden_states": hidden_states, **{name: head(hidden_states) for name, head in self.heads.items()}}
+
+
+def make_head(name: str, config: TransformerConfig, backbone: Transformer, activation: str | None = None) -> nn.Module:
+    """The head an objective of that name trains: "mlm" (tied LMHead with transform), "clm" (GPT-2's tied output),
+    "rtd" (TokenScorer), "nsp" / "sop" (2-way ClassificationHead)."""
+    if name == "mlm":
+        return LMHead(config, backbone.embeddings.word, activation=activation)
+    if name == "clm":
+        return LMHead(config, backbone.embeddings.word, transform=False, bias=False)
+    if name == "rtd":
+        return TokenScorer(config)
+    if name in ("nsp", "sop"):
+        return ClassificationHead(config, num_labels=2)
+    raise ValueError(f"unknown head {name!r}; heads are mlm, clm, rtd, nsp, sop")

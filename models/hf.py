@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from models.config import TransformerConfig
-from models.heads import ClassificationHead, LMHead, ModelWithHeads, TokenScorer
+from models.heads import ModelWithHeads, make_head
 from models.transformer import Transformer
 
 # Hugging Face class -> (family, our head names). The families' base-model prefixes are in PREFIX.
@@ -128,13 +128,8 @@ HEAD_ENTRIES: dict[tuple[str, str], list[Entry]] = {
 
 
 def _make_head(family: str, name: str, config: TransformerConfig, backbone: Transformer) -> nn.Module:
-    if name == "mlm":  # ELECTRA's generator head hard-codes exact GELU whatever hidden_act says
-        return LMHead(config, backbone.embeddings.word, activation="gelu" if family == "electra" else None)
-    if name == "clm":
-        return LMHead(config, backbone.embeddings.word, transform=False, bias=False)
-    if name == "rtd":
-        return TokenScorer(config)
-    return ClassificationHead(config, num_labels=2)
+    # ELECTRA's generator head hard-codes exact GELU whatever hidden_act says
+    return make_head(name, config, backbone, activation="gelu" if family == "electra" and name == "mlm" else None)
 
 
 def config_from_hf(hf_config: Any) -> tuple[str, TransformerConfig]:

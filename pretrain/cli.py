@@ -32,6 +32,12 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--documents-by", choices=["paragraph", "line"], default="paragraph")
     train.add_argument("--clean", action="store_true", help="turn HTML <br /> tags into newlines, unescape entities")
     train.add_argument("--cased", action="store_true", help="keep case (WordPiece and Unigram lowercase by default)")
+    export = commands.add_parser("export", help="write a checkpoint's model and tokenizer as a portable directory")
+    export.add_argument("checkpoint", type=Path, help="a .ckpt of pretrain fit (e.g. RUN/checkpoints/last.ckpt)")
+    export.add_argument("out", type=Path, help="a new directory")
+    export.add_argument("--format", choices=["native", "hf"], default="native",
+                        help="native: model.safetensors + config.json + tokenizer.json, read by pretrain.load; "
+                             "hf: a Hugging Face transformers directory (BERT, ALBERT, ELECTRA or GPT-2)")
     for name in LIGHTNING_COMMANDS:  # listed here for --help; main() hands them to LightningCLI
         commands.add_parser(name, help=f"{name} a YAML recipe: pretrain {name} -c configs/tiny/bert.yaml "
                                        f"(all options: pretrain {name} --help)")
@@ -143,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             run(args.corpus, args.out, steps=args.steps, seed=args.seed)
         elif args.command == "tokenizer":
             train_tokenizer_command(args)
+        elif args.command == "export":
+            from pretrain.pretrained import export
+
+            print(f"exported {args.checkpoint} to {export(args.checkpoint, args.out, args.format)} ({args.format})")
     except UserError as error:
         if args.debug:
             raise

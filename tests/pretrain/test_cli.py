@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import pretrain
 from models import TransformerConfig
 from pretrain.cli import lightning_cli, main
 from pretrain.data import BUNDLED_CORPUS
@@ -53,8 +54,40 @@ def test_tiny_recipe_fits_and_writes_a_checkpoint(recipe, tmp_path):
     checkpoints = list((tmp_path / "runs").rglob("*.ckpt"))
     assert [c.name for c in checkpoints] == ["last.ckpt"]
     assert (tmp_path / "runs" / "logs" / "version_0" / "config.yaml").is_file()
-    state = torch.load(checkpoints[0], map_location="cpu", weights_only=False)
-    assert state["global_step"] == 3
+    state = torch.load(checkpoints[0], map_location="cpu", weights_only=True)
+    assert state["global_step"] == 3 and "class_path: objectives." in state["config"]  # the resolved recipe
+    check_exports(checkpoints[0], tmp_path)
+
+
+HF_OUTPUTS = {"mlm": "prediction_logits", "nsp": "seq_relationship_logits", "sop": "sop_logits", "rtd": "logits",
+              "clm": "logits"}
+
+
+def check_exports(checkpoint: Path, tmp_path: Path) -> None:
+    """export -> pretrain.load gives identical outputs; --format hf -> transformers gives the same (fp32, 1e-5)."""
+    import transformers
+
+    for form in ("native", "hf"):
+        assert main(["export", str(checkpoint), str(tmp_path / form), "--format", form]) == 0
+    ours = pretrain.load(checkpoint)
+    ids = torch.tensor(ours.tokenize(["To be, or not to be: that is the question."]))
+    expected = ours.model(ids)
+    exported = pretrain.load(tmp_path / "native").model(ids)
+    assert expected.keys() == exported.keys() and all(torch.equal(expected[k], exported[k]) for k in expected)
+
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(
+        "To be, or not to be: that is the question.", add_special_tokens=not ours.config.causal)["input_ids"] \
+        == ids[0].tolist()
+    base = transformers.AutoModel.from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(base(ids).last_hidden_state, expected["hidden_states"], rtol=1e-5, atol=1e-5)
+    architecture = transformers.AutoConfig.from_pretrained(tmp_path / "hf").architectures[0]
+    with_heads = getattr(transformers, architecture).from_pretrained(tmp_path / "hf").eval()
+    outputs = with_heads(ids)
+    for head in ours.model.heads:
+        name = "logits" if architecture.endswith("MaskedLM") else HF_OUTPUTS[head]
+        torch.testing.assert_close(outputs[name], expected[head], rtol=1e-5, atol=1e-5)
+    reloaded = pretrain.load(tmp_path / "hf").model(ids)
+    assert all(torch.equal(expected[k], reloaded[k]) for k in expected)
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -1,0 +1,221 @@
+"""A trained model with its tokenizer, from a Lightning checkpoint, an export directory or a Hugging Face directory:
+`pretrain.load(path)`; `export` writes the portable directory (or a Hugging Face one) that `load` reads back.
+
+Nothing here unpickles code: weights come from safetensors files, and checkpoints are read with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, load_model, save_model
+from tokenizers import Tokenizer
+from torch import Tensor
+
+from models import ModelWithHeads, Transformer, TransformerConfig, make_head
+from pretrain import __version__
+from pretrain.checkpoints import read_checkpoint
+from pretrain.errors import UserError
+from pretrain.generate import LanguageModel, Strategy, generate
+from pretrain.tokenizer import load_tokenizer, special_ids
+
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+
+
+@dataclass
+class Encoded:
+    hidden_states: Tensor  # (B, T, H), zeros at padding
+    attention_mask: Tensor  # (B, T), 1 for real tokens
+    pooled: Tensor  # (B, H): the mean of each text's hidden states over its real tokens
+
+
+class Pretrained:
+    """`model` (backbone and the pretraining heads, by objective name), `tokenizer` and `config`, in eval mode."""
+
+    def __init__(self, model: ModelWithHeads, tokenizer: Tokenizer):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.special = special_ids(tokenizer)
+
+    @property
+    def config(self) -> TransformerConfig:
+        return self.model.config
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids as in pretraining: encoders get the tokenizer's [CLS] ... [SEP] template, causal models plain
+        tokens; cut to the model's context."""
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=not self.config.causal)
+        return [e.ids[: self.config.max_position_embeddings] for e in encodings]
+
+    @torch.no_grad()
+    def encode(self, texts: list[str] | str, batch_size: int = 32) -> Encoded:
+        """Token-level hidden states and a pooled vector per text."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = self.tokenize(texts)
+        width = max(len(row) for row in ids)
+        pad = self.special.pad if self.special.pad is not None else 0
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros(len(ids), width, dtype=torch.long)
+        for row, tokens in enumerate(ids):
+            input_ids[row, : len(tokens)] = torch.tensor(tokens)
+            attention_mask[row, : len(tokens)] = 1
+        device = next(self.model.parameters()).device
+        hidden = torch.cat([
+            self.model.backbone(input_ids[i:i + batch_size].to(device),
+                                attention_mask=attention_mask[i:i + batch_size].to(device)).float().cpu()
+            for i in range(0, len(ids), batch_size)
+        ])
+        mask = attention_mask[..., None].to(hidden.dtype)
+        hidden = hidden * mask
+        return Encoded(hidden, attention_mask, hidden.sum(1) / mask.sum(1).clamp(min=1))
+
+    def language_model(self) -> LanguageModel:
+        if "clm" not in self.model.heads:
+            raise UserError(f"this model has no causal LM head (its heads: {sorted(self.model.heads)}): generation "
+                            "needs a model pretrained with CausalLM, e.g. configs/gpt2-small.yaml")
+        return LanguageModel(self.model.backbone, self.model.heads["clm"])
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str] | str, strategy: Strategy = "greedy", seed: int | None = None,
+                 **settings) -> list[str]:
+        """Each prompt's continuation as text (`pretrain.generate.Settings`: max_new_tokens, temperature, top_k,
+        top_p, num_beams, length_penalty, ...); stops at the tokenizer's end-of-text token."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids = [row or [self.special.eos if self.special.eos is not None else 0] for row in self.tokenize(prompts)]
+        settings.setdefault("eos_id", self.special.eos)
+        pad = self.special.pad if self.special.pad is not None else 0
+        new = generate(self.language_model(), ids, strategy, pad_id=pad, seed=seed, **settings)
+        return [self.tokenizer.decode(tokens) for tokens in new]
+
+    def save(self, directory: str | Path) -> None:
+        """The portable directory: model.safetensors, config.json, tokenizer.json (written into `directory`)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_model(self.model, str(directory / WEIGHTS_FILE))
+        config = {"format": "pretrain", "version": __version__, "backbone": dataclasses.asdict(self.config),
+                  "heads": list(self.model.heads)}
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        self.tokenizer.save(str(directory / TOKENIZER_FILE))
+
+    def save_hf(self, directory: str | Path) -> None:
+        """A Hugging Face transformers directory (BertForPreTraining, AlbertForPreTraining, ElectraForPreTraining,
+        GPT2LMHeadModel, ... by the heads) with a fast tokenizer."""
+        import transformers
+
+        from models import to_hf
+
+        to_hf(self.model).save_pretrained(directory)
+        names = {role: self.tokenizer.id_to_token(i) for role, i in dataclasses.asdict(self.special).items()
+                 if i is not None}
+        roles = {"pad": "pad_token", "unk": "unk_token", "cls": "cls_token", "sep": "sep_token",
+                 "mask": "mask_token", "eos": "eos_token"}
+        tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=self.tokenizer, model_max_length=self.config.max_position_embeddings,
+            **{roles[role]: token for role, token in names.items() if role in roles})
+        tokenizer.save_pretrained(directory)
+
+
+def model_with_heads(config: TransformerConfig, heads: list[str]) -> ModelWithHeads:
+    backbone = Transformer(config)
+    return ModelWithHeads(backbone, {name: make_head(name, config, backbone) for name in heads})
+
+
+def from_checkpoint(path: Path) -> Pretrained:
+    checkpoint = read_checkpoint(path)
+    saved = checkpoint.get("pretrain")
+    if saved is None:
+        raise UserError(f"{path} is not a checkpoint of `pretrain fit` (it has no 'pretrain' section)")
+    if saved["tokenizer"] is None:
+        raise UserError(f"{path} holds no tokenizer (the model was trained without one); export needs it")
+    model = model_with_heads(TransformerConfig(**saved["backbone"]), list(saved["heads"]))
+    state = checkpoint["state_dict"]
+    ours = {}
+    for key in model.state_dict():
+        if key.startswith("backbone."):
+            ours[key] = state[key]
+        else:  # heads.<name>.<rest> <- <the objective's head prefix>.<rest>
+            _, name, rest = key.split(".", 2)
+            ours[key] = state[f"{saved['heads'][name]}.{rest}"]
+    model.load_state_dict(ours)
+    return Pretrained(model, Tokenizer.from_str(saved["tokenizer"]))
+
+
+def from_export(directory: Path) -> Pretrained:
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    if not (directory / TOKENIZER_FILE).is_file():
+        raise UserError(f"{directory} has no {TOKENIZER_FILE}: copy the tokenizer the model was trained with there")
+    if not (directory / WEIGHTS_FILE).is_file():
+        raise UserError(f"{directory} has no {WEIGHTS_FILE}: export the checkpoint again (pretrain export)")
+    model = model_with_heads(TransformerConfig(**config["backbone"]), config["heads"])
+    try:
+        load_model(model, str(directory / WEIGHTS_FILE))  # strict: every weight present and of the right shape
+    except RuntimeError as error:
+        raise UserError(f"{directory / WEIGHTS_FILE} does not match its {CONFIG_FILE}: {error}") from error
+    return Pretrained(model, load_tokenizer(directory / TOKENIZER_FILE))
+
+
+def from_hf_directory(directory: Path) -> Pretrained:
+    try:
+        import transformers
+    except ImportError as error:
+        raise UserError("reading a Hugging Face directory needs transformers: pip install transformers") from error
+    from models.hf import HF_CLASSES, from_hf_state_dict
+
+    hf_config = transformers.AutoConfig.from_pretrained(directory)
+    architecture = (hf_config.architectures or [""])[0]
+    if architecture not in HF_CLASSES:
+        raise UserError(f"{directory} holds a {architecture or hf_config.model_type} model; supported: "
+                        f"{', '.join(sorted(HF_CLASSES))}")
+    if (directory / WEIGHTS_FILE).is_file():
+        state = load_file(str(directory / WEIGHTS_FILE))
+    elif (directory / "pytorch_model.bin").is_file():
+        state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise UserError(f"{directory} has neither {WEIGHTS_FILE} nor pytorch_model.bin")
+    model = from_hf_state_dict(state, hf_config, heads=HF_CLASSES[architecture][1])
+    if not isinstance(model, ModelWithHeads):
+        model = ModelWithHeads(model, {})
+    return Pretrained(model, load_tokenizer(directory))
+
+
+def load(path: str | Path) -> Pretrained:
+    """A model and its tokenizer from a `.ckpt` of `pretrain fit`, a directory written by `pretrain export`, or a
+    Hugging Face directory of a BERT, ALBERT, ELECTRA or GPT-2 model."""
+    path = Path(path)
+    if path.is_file():
+        return from_checkpoint(path)
+    if not path.is_dir():
+        raise UserError(f"{path} does not exist (give a .ckpt file or an exported model directory)")
+    if not (path / CONFIG_FILE).is_file():
+        raise UserError(f"{path} has no {CONFIG_FILE}: give a directory written by `pretrain export` or a Hugging "
+                        "Face model directory")
+    config = json.loads((path / CONFIG_FILE).read_text())
+    return from_export(path) if config.get("format") == "pretrain" else from_hf_directory(path)
+
+
+def export(checkpoint: str | Path, out: str | Path, format: str = "native") -> Path:
+    """Write `checkpoint`'s model and tokenizer to the new directory `out` ("native" for `pretrain.load`, "hf" for
+    transformers). Written to a temporary directory first: `out` appears complete or not at all."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not empty: choose a new directory")
+    if format not in ("native", "hf"):
+        raise UserError(f"unknown format {format!r}: native or hf")
+    pretrained = load(checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pretrained.save(staging) if format == "native" else pretrained.save_hf(staging)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except ValueError as error:  # a variant without a Hugging Face equivalent: the message names the field
+        raise UserError(f"cannot export to Hugging Face: {error}") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

@@ -1,0 +1,81 @@
+"""`pretrain.load`, `Pretrained.encode` / `.generate`, and `pretrain export`'s refusals."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pretrain
+from pretrain.errors import UserError
+from pretrain.pretrained import Pretrained, export, model_with_heads
+from pretrain.tokenizer import train_tokenizer
+from tests.helpers import tiny_config
+
+TEXTS = [f"the {w} of the {v} is {u}." for w in ("king", "queen", "fool") for v in ("realm", "play") for u in "abc"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TEXTS * 20, "wordpiece", 100)
+
+
+def pretrained(tokenizer, causal: bool = False) -> Pretrained:
+    config = tiny_config(vocab_size=tokenizer.get_vocab_size(), causal=causal,
+                         norm_position="pre" if causal else "post")
+    return Pretrained(model_with_heads(config, ["clm"] if causal else ["mlm", "nsp"]), tokenizer)
+
+
+def test_encode_gives_hidden_states_and_a_mean_pooled_vector_ignoring_padding(tokenizer):
+    model = pretrained(tokenizer)
+    encoded = model.encode(["the king of the realm is a.", "the fool"])
+    short = model.encode("the fool")
+    length = int(encoded.attention_mask[1].sum())
+    assert encoded.hidden_states.shape[:2] == encoded.attention_mask.shape and length == short.hidden_states.shape[1]
+    torch.testing.assert_close(encoded.hidden_states[1, :length], short.hidden_states[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(encoded.pooled[1], short.hidden_states[0].mean(0), rtol=1e-5, atol=1e-5)
+    ids = model.tokenize(["the fool"])[0]
+    assert ids[0] == tokenizer.token_to_id("[CLS]") and ids[-1] == tokenizer.token_to_id("[SEP]")
+
+
+def test_generate_continues_prompts_and_needs_a_causal_head(tokenizer):
+    model = pretrained(tokenizer, causal=True)
+    first = model.generate(["the king", "the queen of the"], max_new_tokens=5)
+    assert len(first) == 2 and first == model.generate(["the king", "the queen of the"], max_new_tokens=5)
+    sampled = model.generate("the king", strategy="sample", seed=3, max_new_tokens=5, top_k=10)
+    assert sampled == model.generate("the king", strategy="sample", seed=3, max_new_tokens=5, top_k=10)
+    with pytest.raises(UserError, match="no causal LM head"):
+        pretrained(tokenizer).generate("the king")
+
+
+def test_export_directory_round_trip_and_its_refusals(tokenizer, tmp_path):
+    model = pretrained(tokenizer)
+    model.save(tmp_path)
+    loaded = pretrain.load(tmp_path)
+    ids = torch.tensor(model.tokenize(TEXTS[:3]))
+    assert torch.equal(model.model(ids)["mlm"], loaded.model(ids)["mlm"])
+    assert loaded.model.heads["mlm"].weight is loaded.model.backbone.embeddings.word.weight  # still tied
+    with pytest.raises(UserError, match="already exists and is not empty"):
+        export(tmp_path, tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="has no tokenizer.json"):
+        pretrain.load(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        pretrain.load(tmp_path / "nothing")
+
+
+def test_export_command_errors_are_one_line_and_overwrite_nothing(tokenizer, tmp_path):
+    pretrained(tokenizer).save(tmp_path / "model")
+    (tmp_path / "model" / "tokenizer.json").unlink()
+    truncated = tmp_path / "cut.ckpt"
+    truncated.write_bytes(b"PK\x03\x04" + b"\x00" * 64)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    for arguments, message in [([str(tmp_path / "model"), str(tmp_path / "out")], "has no tokenizer.json"),
+                               ([str(truncated), str(tmp_path / "out")], "not a readable checkpoint"),
+                               ([str(tmp_path / "model"), str(tmp_path / "taken")], "not empty")]:
+        process = subprocess.run([sys.executable, "-m", "pretrain.cli", "export", *arguments], capture_output=True,
+                                 text=True, cwd=Path(__file__).resolve().parents[2])
+        assert process.returncode == 2 and message in process.stderr and "Traceback" not in process.stderr
+    assert not (tmp_path / "out").exists() and (tmp_path / "taken" / "keep.txt").read_text() == "mine"
