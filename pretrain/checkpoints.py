@@ -1,13 +1,14 @@
-"""Lightning checkpoints: the callback that writes them, and reading them back safely."""
+"""Lightning checkpoints: the callback that writes them and reading them back safely; the end-of-run summary."""
 
 from __future__ import annotations
 
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from pretrain.errors import UserError
 
@@ -46,3 +47,31 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as error:  # a damaged archive, or objects that weights_only refuses to unpickle
         raise UserError(f"{path} could not be read as a checkpoint ({type(error).__name__}: "
                         f"{str(error).splitlines()[0][:200]})") from error
+
+
+class RunSummary(Callback):
+    """Prints, when `fit` ends, what a user wants to know first: steps, time, the training loss at the start and at
+    the end, the last validation loss (and perplexity, for language-model objectives), and where the run is."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.started, self.first_loss, self.start_step = time.perf_counter(), None, trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.first_loss is None and "train/loss" in trainer.callback_metrics:
+            self.first_loss = float(trainer.callback_metrics["train/loss"])
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or not hasattr(self, "started"):
+            return
+        metrics = trainer.callback_metrics
+        lines = [f"trained {trainer.global_step - self.start_step} steps in {time.perf_counter() - self.started:.0f} s"
+                 f" (global step {trainer.global_step})"]
+        if self.first_loss is not None and "train/loss" in metrics:
+            lines.append(f"train loss {self.first_loss:.3f} (first step) -> {float(metrics['train/loss']):.3f} (last)")
+        validation = [f"{name.removeprefix('val/')} {float(value):.3f}" for name, value in sorted(metrics.items())
+                      if name.startswith("val/") and ("loss" in name or "perplexity" in name)]
+        if validation:
+            lines.append("validation: " + ", ".join(validation))
+        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+            lines.append(f"checkpoints: {trainer.checkpoint_callback.dirpath}; logs: {trainer.log_dir}")
+        print("\n".join(lines), flush=True)

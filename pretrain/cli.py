@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from pretrain import __version__
-from pretrain.data import BUNDLED_CORPUS
 from pretrain.errors import UserError
 
 
@@ -16,12 +15,6 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--version", action="version", version=f"pretrain {__version__}")
     root.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     commands = root.add_subparsers(dest="command", required=True)
-    quick = commands.add_parser("quickstart", help="pretrain a tiny causal LM on a bundled corpus (about a minute)")
-    quick.add_argument("--corpus", type=Path, default=BUNDLED_CORPUS, help="a text file (default: tiny Shakespeare)")
-    quick.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="a new or empty directory")
-    quick.add_argument("--steps", type=int, default=600)
-    quick.add_argument("--seed", type=int, default=0)
-
     tokenizer = commands.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="action", required=True)
     train = tokenizer.add_parser("train", help="train WordPiece, byte-level BPE or Unigram on a corpus")
     train.add_argument("--corpus", nargs="+", required=True, help="files, globs or directories (text, JSONL, ...)")
@@ -38,6 +31,25 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["native", "hf"], default="native",
                         help="native: model.safetensors + config.json + tokenizer.json, read by pretrain.load; "
                              "hf: a Hugging Face transformers directory (BERT, ALBERT, ELECTRA or GPT-2)")
+    gen = commands.add_parser("generate", help="continue prompts with a causal model (greedy, sampling or beam)")
+    gen.add_argument("model", type=Path, help="a .ckpt, an exported directory or a Hugging Face GPT-2 directory")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    gen.add_argument("--strategy", choices=["greedy", "sample", "beam"], default="greedy")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=1.0, help="sample: < 1 sharper, > 1 flatter")
+    gen.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
+    gen.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this probability")
+    gen.add_argument("--num-beams", type=int, default=4)
+    gen.add_argument("--length-penalty", type=float, default=1.0, help="beam: score = log-prob / length ** this")
+    gen.add_argument("--seed", type=int, default=0)
+    evaluate = commands.add_parser("evaluate-lm", help="token-level perplexity of a causal model on a text file")
+    evaluate.add_argument("model", type=Path, help="a .ckpt, an exported directory or a Hugging Face GPT-2 directory")
+    evaluate.add_argument("--data", type=Path, required=True, help="a UTF-8 text file, scored as one sequence")
+    evaluate.add_argument("--window", type=int, default=None, help="context per scored token (default: the model's)")
+    evaluate.add_argument("--stride", type=int, default=None, help="tokens scored per window (default: window / 2)")
+    plot = commands.add_parser("plot", help="draw a run's loss curves (one panel per objective) as a PNG")
+    plot.add_argument("run_dir", type=Path, help="the run directory of pretrain fit (trainer.default_root_dir)")
+    plot.add_argument("-o", "--out", type=Path, default=Path("curves.png"), help="the PNG to write")
     for name in LIGHTNING_COMMANDS:  # listed here for --help; main() hands them to LightningCLI
         commands.add_parser(name, help=f"{name} a YAML recipe: pretrain {name} -c configs/tiny/bert.yaml "
                                        f"(all options: pretrain {name} --help)")
@@ -54,6 +66,33 @@ def train_tokenizer_command(args: argparse.Namespace) -> None:
           f"special ids {special_ids(tokenizer)}")
 
 
+def generate_command(args: argparse.Namespace) -> None:
+    import pretrain
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.strategy == "sample" and args.temperature <= 0:
+        raise UserError("--temperature must be positive; use --strategy greedy for argmax decoding")
+    model = pretrain.load(args.model)
+    texts = model.generate(args.prompt, args.strategy, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           num_beams=args.num_beams, length_penalty=args.length_penalty)
+    for prompt, text in zip(args.prompt, texts, strict=True):
+        print(f"{prompt}{'' if prompt.endswith(' ') else ' '}{text}" if len(args.prompt) == 1 else
+              f"--- {prompt}\n{text}")
+
+
+def evaluate_command(args: argparse.Namespace) -> None:
+    import pretrain
+
+    if not args.data.is_file():
+        raise UserError(f"--data {args.data} does not exist")
+    model = pretrain.load(args.model)
+    value, tokens = model.perplexity(args.data.read_text(encoding="utf-8", errors="replace"), args.window,
+                                     args.stride)
+    print(f"perplexity {value:.3f} over {tokens:,} tokens of {args.data}")
+
+
 LIGHTNING_COMMANDS = ("fit", "validate")
 
 
@@ -65,7 +104,7 @@ def lightning_cli(argv: list[str], run: bool = True):
     from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-    from pretrain.checkpoints import Checkpoints
+    from pretrain.checkpoints import Checkpoints, RunSummary
     from pretrain.datamodule import PretrainingDataModule
     from pretrain.module import PretrainingModule
 
@@ -81,6 +120,7 @@ def lightning_cli(argv: list[str], run: bool = True):
             parser.link_arguments("data", "model.tokenizer", compute_fn=lambda data: data.hparams.tokenizer,
                                   apply_on="instantiate")
             parser.add_lightning_class_args(Checkpoints, "checkpoint")
+            parser.add_lightning_class_args(RunSummary, "summary")
             parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
                                  "checkpoint.every_n_train_steps": 1000})
 
@@ -141,14 +181,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = parser().parse_args(argv)
     try:
-        if args.command == "quickstart":
-            if args.steps < 1:
-                raise UserError(f"--steps must be at least 1, got {args.steps}")
-            from pretrain.quickstart import run  # imports torch and Lightning: only when a command runs
-
-            run(args.corpus, args.out, steps=args.steps, seed=args.seed)
-        elif args.command == "tokenizer":
+        if args.command == "tokenizer":
             train_tokenizer_command(args)
+        elif args.command == "generate":
+            generate_command(args)
+        elif args.command == "evaluate-lm":
+            evaluate_command(args)
+        elif args.command == "plot":
+            from pretrain.plot import plot
+
+            print(f"wrote {args.out}: loss curves of {', '.join(plot(args.run_dir, args.out))}")
         elif args.command == "export":
             from pretrain.pretrained import export
 

@@ -22,7 +22,7 @@ from models import ModelWithHeads, Transformer, TransformerConfig, make_head
 from pretrain import __version__
 from pretrain.checkpoints import read_checkpoint
 from pretrain.errors import UserError
-from pretrain.generate import LanguageModel, Strategy, generate
+from pretrain.generate import LanguageModel, Strategy, generate, perplexity
 from pretrain.tokenizer import load_tokenizer, special_ids
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
@@ -91,6 +91,15 @@ class Pretrained:
         pad = self.special.pad if self.special.pad is not None else 0
         new = generate(self.language_model(), ids, strategy, pad_id=pad, seed=seed, **settings)
         return [self.tokenizer.decode(tokens) for tokens in new]
+
+    @torch.no_grad()
+    def perplexity(self, text: str, window: int | None = None, stride: int | None = None) -> tuple[float, int]:
+        """(token-level perplexity, number of tokens) of `text` as one sequence, scored with a sliding window of up
+        to the model's context (`pretrain.generate.perplexity`)."""
+        tokens = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if len(tokens) < 2:
+            raise UserError("perplexity needs a text of at least two tokens")
+        return perplexity(self.language_model(), tokens, window, stride), len(tokens)
 
     def save(self, directory: str | Path) -> None:
         """The portable directory: model.safetensors, config.json, tokenizer.json (written into `directory`)."""

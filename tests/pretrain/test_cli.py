@@ -1,5 +1,6 @@
-"""`pretrain fit` and the recipes under configs/."""
+"""The `pretrain` command: fit with the recipes under configs/, export, generate, evaluate-lm, plot."""
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,7 @@ def test_every_recipe_parses_and_builds_its_model(recipe, tmp_path):
         assert config == TransformerConfig.preset(PRESET_OF[recipe.stem])
     names = [o.name for o in cli.model.objectives]
     expected = {"bert": ["mlm", "nsp"], "roberta": ["mlm"], "albert": ["mlm", "sop"], "electra": ["rtd"],
-                "gpt2": ["clm"]}[recipe.stem.split("-")[0]]
+                "gpt2": ["clm"], "quickstart": ["clm"]}[recipe.stem.split("-")[0]]
     assert names == expected
 
 
@@ -130,3 +131,64 @@ def test_bad_checkpoints_are_one_clear_error_and_nothing_is_overwritten(tmp_path
         assert process.returncode == 2 and message in process.stderr and "Traceback" not in process.stderr, extra
     assert truncated.read_bytes() == b"PK\x03\x04" + b"\x00" * 100
     assert not (tmp_path / "run" / "logs").exists()
+
+
+def test_bundled_corpus_ships_with_the_package():
+    assert BUNDLED_CORPUS.is_file() and BUNDLED_CORPUS.stat().st_size > 1_000_000
+
+
+def test_quickstart_recipe_learns_and_reports(tmp_path, capsys):
+    recipe = CONFIGS / "quickstart.yaml"
+    code = main(["fit", "-c", str(recipe), *overrides(tmp_path, recipe), "--trainer.max_steps", "40",
+                 "--model.warmup_steps", "5", "--trainer.val_check_interval", "40", "--trainer.limit_val_batches", "2",
+                 "--data.max_length", "64", "--trainer.enable_progress_bar", "false"])
+    assert code == 0
+    summary = capsys.readouterr().out
+    assert "trained 40 steps" in summary and "train loss" in summary and "clm_perplexity" in summary
+    losses = [float(row["train/loss"]) for row in csv.DictReader((tmp_path / "runs" / "logs" / "version_0" /
+                                                                 "metrics.csv").open()) if row["train/loss"]]
+    assert losses[-1] < losses[0] - 1.0  # from about ln(400) = 6.0
+    process = run_cli("generate", str(tmp_path / "runs" / "checkpoints" / "last.ckpt"), "--prompt", "ROMEO:",
+                      "--max-new-tokens", "8")
+    assert process.returncode == 0 and process.stdout.startswith("ROMEO:")
+
+
+def test_generate_and_evaluate_commands(tmp_path):
+    from pretrain.pretrained import Pretrained, model_with_heads
+    from pretrain.tokenizer import train_tokenizer
+    from tests.helpers import tiny_config
+
+    texts = [f"the {w} walks to the {v}." for w in ("king", "queen", "fool", "page") for v in ("hall", "gate")]
+    tokenizer = train_tokenizer(texts * 30, "bpe", 300)
+    config = tiny_config(vocab_size=tokenizer.get_vocab_size(), causal=True, norm_position="pre")
+    model = Pretrained(model_with_heads(config, ["clm"]), tokenizer)
+    model.save(tmp_path / "model")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(texts))
+    process = run_cli("evaluate-lm", str(tmp_path / "model"), "--data", str(text), "--window", "16")
+    expected, tokens = model.perplexity(" ".join(texts), window=16)
+    assert process.returncode == 0 and f"perplexity {expected:.3f} over {tokens:,} tokens" in process.stdout
+    process = run_cli("generate", str(tmp_path / "model"), "--prompt", "the king", "--prompt", "the", "--strategy",
+                      "beam", "--num-beams", "2", "--max-new-tokens", "4")
+    assert process.returncode == 0 and process.stdout.count("--- ") == 2
+    for arguments, message in [(["--strategy", "sample", "--temperature", "0"], "--temperature must be positive"),
+                               (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1")]:
+        process = run_cli("generate", str(tmp_path / "model"), "--prompt", "the", *arguments)
+        assert process.returncode == 2 and message in process.stderr and "Traceback" not in process.stderr
+
+
+def test_plot_draws_one_panel_per_objective(tmp_path):
+    for version, steps in ((0, range(0, 5)), (1, range(5, 10))):  # a fit and its resume
+        log = tmp_path / "logs" / f"version_{version}" / "metrics.csv"
+        log.parent.mkdir(parents=True)
+        rows = ["epoch,step,train/loss,train/mlm_loss,train/nsp_loss,val/mlm_loss"]
+        rows += [f"0,{s},{9 - s / 2},{8 - s / 2},0.7," for s in steps] + [f"0,{steps[-1]},,,,{7.5 - version}"]
+        log.write_text("\n".join(rows) + "\n")
+    process = run_cli("plot", str(tmp_path), "-o", str(tmp_path / "curves.png"))
+    assert process.returncode == 0 and "loss curves of mlm, nsp" in process.stdout
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from pretrain.plot import read_metrics
+
+    assert sorted(read_metrics(tmp_path)["train/mlm_loss"]) == list(range(10))
+    process = run_cli("plot", str(tmp_path / "logs" / "nothing"))
+    assert process.returncode == 2 and "no metrics.csv" in process.stderr
