@@ -73,5 +73,7 @@ class RunSummary(Callback):
         if validation:
             lines.append("validation: " + ", ".join(validation))
         if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
-            lines.append(f"checkpoints: {trainer.checkpoint_callback.dirpath}; logs: {trainer.log_dir}")
+            lines.append(f"checkpoints: {trainer.checkpoint_callback.dirpath}")
+        if trainer.loggers:  # (not trainer.log_dir: it is a collective call under DDP)
+            lines.append(f"logs: {trainer.loggers[0].log_dir}")
         print("\n".join(lines), flush=True)
