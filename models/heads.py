@@ -106,9 +106,11 @@ class ModelWithHeads(nn.Module):
         return {"hidden_states": hidden_states, **{name: head(hidden_states) for name, head in self.heads.items()}}
 
 
-def make_head(name: str, config: TransformerConfig, backbone: Transformer, activation: str | None = None) -> nn.Module:
+def make_head(name: str, config: TransformerConfig, backbone: Transformer, activation: str | None = None,
+              num_labels: int = 2) -> nn.Module:
     """The head an objective of that name trains: "mlm" (tied LMHead with transform), "clm" (GPT-2's tied output),
-    "rtd" (TokenScorer), "nsp" / "sop" (2-way ClassificationHead)."""
+    "rtd" (TokenScorer), "nsp" / "sop" (2-way ClassificationHead); "task" is a fine-tuned task's
+    ClassificationHead with `num_labels` outputs (1 for regression)."""
     if name == "mlm":
         return LMHead(config, backbone.embeddings.word, activation=activation)
     if name == "clm":
@@ -117,4 +119,6 @@ def make_head(name: str, config: TransformerConfig, backbone: Transformer, activ
         return TokenScorer(config)
     if name in ("nsp", "sop"):
         return ClassificationHead(config, num_labels=2)
+    if name == "task":
+        return ClassificationHead(config, num_labels=num_labels)
     raise ValueError(f"unknown head {name!r}; heads are mlm, clm, rtd, nsp, sop")

@@ -50,10 +50,109 @@ def parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="draw a run's loss curves (one panel per objective) as a PNG")
     plot.add_argument("run_dir", type=Path, help="the run directory of pretrain fit (trainer.default_root_dir)")
     plot.add_argument("-o", "--out", type=Path, default=Path("curves.png"), help="the PNG to write")
+    tune = commands.add_parser("finetune", help="fine-tune a pretrained encoder on a GLUE task or your own data")
+    tune.add_argument("--model", type=Path, required=True, help="a .ckpt, an exported or a Hugging Face directory")
+    tune.add_argument("--task", help=f"a GLUE task ({', '.join(GLUE_NAMES)}) read from --data-dir, or a name for "
+                                     "your own --train/--dev data")
+    tune.add_argument("--data-dir", type=Path, help="the GLUE directory (holding SST-2/, CoLA/, ...)")
+    tune.add_argument("--train", type=Path, help="your own training file: CSV, TSV or JSONL with a header")
+    tune.add_argument("--dev", type=Path, help="your own dev file, same columns")
+    tune.add_argument("--text-column", default="text")
+    tune.add_argument("--pair-column", default=None, help="the second text of sentence-pair tasks")
+    tune.add_argument("--label-column", default="label")
+    tune.add_argument("--regression", action="store_true", help="the labels are numbers to predict (MSE loss)")
+    add_finetune_options(tune)
+    glue = commands.add_parser("glue", help="fine-tune on every GLUE task found in a directory; scores and average")
+    glue.add_argument("--model", type=Path, required=True, help="a .ckpt, an exported or a Hugging Face directory")
+    glue.add_argument("--data-dir", type=Path, required=True, help="the GLUE directory (holding SST-2/, CoLA/, ...)")
+    glue.add_argument("--tasks", default=None, help="a comma-separated subset, e.g. sst2,cola (default: all found)")
+    add_finetune_options(glue)
     for name in LIGHTNING_COMMANDS:  # listed here for --help; main() hands them to LightningCLI
         commands.add_parser(name, help=f"{name} a YAML recipe: pretrain {name} -c configs/tiny/bert.yaml "
                                        f"(all options: pretrain {name} --help)")
     return root
+
+
+GLUE_NAMES = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
+
+
+def add_finetune_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--out", type=Path, required=True, help="a new directory for models, logs and results")
+    command.add_argument("--seeds", default="1", help="comma-separated seeds, e.g. 1,2,3: median and spread")
+    command.add_argument("--epochs", type=int, default=3)
+    command.add_argument("--learning-rate", type=float, default=1e-4)
+    command.add_argument("--batch-size", type=int, default=32)
+    command.add_argument("--max-length", type=int, default=128)
+    command.add_argument("--weight-decay", type=float, default=0.01)
+    command.add_argument("--warmup-ratio", type=float, default=0.1)
+    command.add_argument("--from-scratch", action="store_true",
+                         help="random weights of the same architecture and tokenizer (the baseline)")
+
+
+def finetune_settings(args: argparse.Namespace):
+    from pretrain.finetune import Settings, check_new_directory
+
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds takes comma-separated integers, e.g. 1,2,3; got {args.seeds!r}") from None
+    if args.epochs < 1 or args.batch_size < 1 or args.learning_rate <= 0:
+        raise UserError("--epochs and --batch-size must be at least 1 and --learning-rate positive")
+    check_new_directory(args.out)
+    return seeds, Settings(args.epochs, args.learning_rate, args.batch_size, args.max_length, args.weight_decay,
+                           args.warmup_ratio, args.from_scratch)
+
+
+def finetune_command(args: argparse.Namespace) -> None:
+    from pretrain.finetune import finetune, table
+    from pretrain.tasks import Task, glue_task
+
+    if args.train or args.dev:
+        if not (args.train and args.dev):
+            raise UserError("give both --train and --dev for your own task")
+        task = Task(args.task or args.train.stem, text=args.text_column, pair=args.pair_column,
+                    label=args.label_column, regression=args.regression,
+                    metrics=("pearson", "spearman") if args.regression else ("accuracy",))
+        train, dev = args.train, args.dev
+    elif args.task and args.data_dir:
+        task = glue_task(args.task)
+        train, dev = (args.data_dir / task.directory / name for name in (task.train_file, task.dev_file))
+    else:
+        raise UserError("give --task NAME --data-dir GLUE_DIR for a GLUE task, or --train and --dev files")
+    seeds, settings = finetune_settings(args)
+    results = finetune(args.model, task, train, dev, args.out, seeds, settings)
+    print(table([(task.name, results["summary"])], {task.name: task.metrics}))
+    print(f"results: {args.out / 'results.json'}; best model of each seed: {args.out}/seed-N/model")
+
+
+def glue_command(args: argparse.Namespace) -> None:
+    import json
+
+    from pretrain.finetune import finetune, table
+    from pretrain.tasks import GLUE, glue_task
+
+    wanted = [glue_task(name) for name in args.tasks.split(",")] if args.tasks else list(GLUE.values())
+    found = [t for t in wanted if (args.data_dir / t.directory / t.train_file).is_file()
+             and (args.data_dir / t.directory / t.dev_file).is_file()]
+    if not found:
+        raise UserError(f"no GLUE task with both {'train'} and dev files under {args.data_dir} (expected e.g. "
+                        f"{args.data_dir / 'SST-2' / 'train.tsv'})")
+    seeds, settings = finetune_settings(args)
+    summaries = []
+    for task in found:
+        directory = args.data_dir / task.directory
+        results = finetune(args.model, task, directory / task.train_file, directory / task.dev_file,
+                           args.out / task.name, seeds, settings)
+        summaries.append((task.name, results["summary"]))
+    average = sum(summary["score"]["median"] for _, summary in summaries) / len(summaries)
+    report = table(summaries, {t.name: t.metrics for t in found}) + f"\naverage score over {len(found)} tasks: " \
+        f"{average:.2f}"
+    skipped = [t.name for t in wanted if t not in found]
+    if skipped:
+        report += f" (not found: {', '.join(skipped)})"
+    (args.out / "glue.json").write_text(json.dumps({"tasks": dict(summaries), "average": average,
+                                                    "skipped": skipped}, indent=2) + "\n")
+    print(report)
 
 
 def train_tokenizer_command(args: argparse.Namespace) -> None:
@@ -183,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "tokenizer":
             train_tokenizer_command(args)
+        elif args.command == "finetune":
+            finetune_command(args)
+        elif args.command == "glue":
+            glue_command(args)
         elif args.command == "generate":
             generate_command(args)
         elif args.command == "evaluate-lm":

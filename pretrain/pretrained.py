@@ -36,10 +36,11 @@ class Encoded:
 
 
 class Pretrained:
-    """`model` (backbone and the pretraining heads, by objective name), `tokenizer` and `config`, in eval mode."""
+    """`model` (backbone and the pretraining heads, by objective name), `tokenizer` and `config`, in eval mode;
+    a fine-tuned model also has `task` (name, labels, regression, pair) and its "task" head, used by `predict`."""
 
-    def __init__(self, model: ModelWithHeads, tokenizer: Tokenizer):
-        self.model, self.tokenizer = model.eval(), tokenizer
+    def __init__(self, model: ModelWithHeads, tokenizer: Tokenizer, task: dict | None = None):
+        self.model, self.tokenizer, self.task = model.eval(), tokenizer, task
         self.special = special_ids(tokenizer)
 
     @property
@@ -51,6 +52,44 @@ class Pretrained:
         tokens; cut to the model's context."""
         encodings = self.tokenizer.encode_batch(texts, add_special_tokens=not self.config.causal)
         return [e.ids[: self.config.max_position_embeddings] for e in encodings]
+
+    def tokenize_pairs(self, texts: list[str], pairs: list[str] | None, max_length: int
+                       ) -> list[tuple[list[int], list[int]]]:
+        """(ids, segment ids) of [CLS] A [SEP] or [CLS] A [SEP] B [SEP] (the tokenizer's templates), cut to
+        `max_length` (the longer text first)."""
+        tokenizer = Tokenizer.from_str(self.tokenizer.to_str())  # truncation is set on a copy
+        tokenizer.enable_truncation(min(max_length, self.config.max_position_embeddings))
+        inputs = list(zip(texts, pairs, strict=True)) if pairs is not None else texts
+        return [(e.ids, e.type_ids) for e in tokenizer.encode_batch(inputs)]
+
+    @torch.no_grad()
+    def predict(self, texts: list[str] | str, pairs: list[str] | None = None, batch_size: int = 64) -> list:
+        """A fine-tuned model's label for each text (or text pair): a label of the task, or a number (regression)."""
+        if self.task is None or "task" not in self.model.heads:
+            raise UserError("this model was not fine-tuned on a task (pretrain finetune): nothing to predict")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if self.task["pair"] != (pairs is not None):
+            raise UserError(f"the task {self.task['name']} takes " + ("text pairs: give pairs" if self.task["pair"]
+                                                                      else "single texts: give no pairs"))
+        rows = self.tokenize_pairs(texts, pairs, self.task["max_length"])
+        pad = self.special.pad if self.special.pad is not None else 0
+        out: list = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            types, mask = torch.zeros_like(ids), torch.zeros_like(ids)
+            for row, (tokens, segments) in enumerate(chunk):
+                ids[row, :len(tokens)], types[row, :len(tokens)] = torch.tensor(tokens), torch.tensor(segments)
+                mask[row, :len(tokens)] = 1
+            hidden = self.model.backbone(ids, attention_mask=mask,
+                                         token_type_ids=types if self.config.type_vocab_size else None)
+            logits = self.model.heads["task"](hidden)
+            if self.task["regression"]:
+                out += logits.squeeze(-1).tolist()
+            else:
+                out += [self.task["labels"][i] for i in logits.argmax(-1).tolist()]
+        return out
 
     @torch.no_grad()
     def encode(self, texts: list[str] | str, batch_size: int = 32) -> Encoded:
@@ -107,7 +146,7 @@ class Pretrained:
         directory.mkdir(parents=True, exist_ok=True)
         save_model(self.model, str(directory / WEIGHTS_FILE))
         config = {"format": "pretrain", "version": __version__, "backbone": dataclasses.asdict(self.config),
-                  "heads": list(self.model.heads)}
+                  "heads": list(self.model.heads), "task": self.task}
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         self.tokenizer.save(str(directory / TOKENIZER_FILE))
 
@@ -129,9 +168,10 @@ class Pretrained:
         tokenizer.save_pretrained(directory)
 
 
-def model_with_heads(config: TransformerConfig, heads: list[str]) -> ModelWithHeads:
+def model_with_heads(config: TransformerConfig, heads: list[str], task: dict | None = None) -> ModelWithHeads:
     backbone = Transformer(config)
-    return ModelWithHeads(backbone, {name: make_head(name, config, backbone) for name in heads})
+    labels = (1 if task["regression"] else len(task["labels"])) if task else 2
+    return ModelWithHeads(backbone, {name: make_head(name, config, backbone, num_labels=labels) for name in heads})
 
 
 def from_checkpoint(path: Path) -> Pretrained:
@@ -160,12 +200,12 @@ def from_export(directory: Path) -> Pretrained:
         raise UserError(f"{directory} has no {TOKENIZER_FILE}: copy the tokenizer the model was trained with there")
     if not (directory / WEIGHTS_FILE).is_file():
         raise UserError(f"{directory} has no {WEIGHTS_FILE}: export the checkpoint again (pretrain export)")
-    model = model_with_heads(TransformerConfig(**config["backbone"]), config["heads"])
+    model = model_with_heads(TransformerConfig(**config["backbone"]), config["heads"], config.get("task"))
     try:
         load_model(model, str(directory / WEIGHTS_FILE))  # strict: every weight present and of the right shape
     except RuntimeError as error:
         raise UserError(f"{directory / WEIGHTS_FILE} does not match its {CONFIG_FILE}: {error}") from error
-    return Pretrained(model, load_tokenizer(directory / TOKENIZER_FILE))
+    return Pretrained(model, load_tokenizer(directory / TOKENIZER_FILE), config.get("task"))
 
 
 def from_hf_directory(directory: Path) -> Pretrained:

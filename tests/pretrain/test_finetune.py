@@ -1,0 +1,141 @@
+"""Fine-tuning: the GLUE metrics against hand computations, each task type on a few dozen rows, and bad input."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pretrain
+from pretrain.errors import UserError
+from pretrain.finetune import Settings, finetune
+from pretrain.pretrained import Pretrained, model_with_heads
+from pretrain.tasks import GLUE, Task, compute_metrics, glue_task, read_examples
+from pretrain.tokenizer import train_tokenizer
+from tests.helpers import tiny_config
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD, BAD = ["good", "great", "fine", "lovely"], ["bad", "awful", "poor", "dull"]
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    order = values.argsort()
+    out = np.empty(len(values))
+    out[order] = np.arange(len(values))
+    return out
+
+
+def test_metrics_agree_with_hand_computations():
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 2, 200)
+    predictions = np.where(rng.random(200) < 0.8, targets, 1 - targets)
+    tp = int(((predictions == 1) & (targets == 1)).sum())
+    tn = int(((predictions == 0) & (targets == 0)).sum())
+    fp = int(((predictions == 1) & (targets == 0)).sum())
+    fn = int(((predictions == 0) & (targets == 1)).sum())
+    got = compute_metrics(("accuracy", "f1", "matthews"), torch.tensor(predictions), torch.tensor(targets), 2)
+    assert got["accuracy"] == pytest.approx(100 * (tp + tn) / 200)
+    assert got["f1"] == pytest.approx(100 * 2 * tp / (2 * tp + fp + fn))
+    mcc = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert got["matthews"] == pytest.approx(100 * mcc, abs=1e-4)
+
+    scores = rng.random(100) * 5
+    guesses = scores + rng.normal(0, 1, 100)
+    got = compute_metrics(("pearson", "spearman"), torch.tensor(guesses), torch.tensor(scores), 1)
+    assert got["pearson"] == pytest.approx(100 * np.corrcoef(guesses, scores)[0, 1], abs=1e-3)
+    assert got["spearman"] == pytest.approx(100 * np.corrcoef(ranks(guesses), ranks(scores))[0, 1], abs=1e-3)
+
+
+def test_glue_files_are_read_as_distributed(tmp_path):
+    (tmp_path / "cola.tsv").write_text("gj04\t1\t\tThe sailors rode the breeze.\nclc95\t0\t*\tThey drank the pub.\n")
+    examples = read_examples(GLUE["cola"], tmp_path / "cola.tsv")
+    assert examples.texts[1] == "They drank the pub." and examples.labels == ["1", "0"] and examples.pairs is None
+    (tmp_path / "mrpc.tsv").write_text("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+                                       '1\t1\t2\tHe said " yes " .\tHe agreed .\n')
+    examples = read_examples(GLUE["mrpc"], tmp_path / "mrpc.tsv")
+    assert examples.texts == ['He said " yes " .'] and examples.pairs == ["He agreed ."] and examples.labels == ["1"]
+    assert glue_task("SST-2") is GLUE["sst2"] and glue_task("sts-b") is GLUE["stsb"]
+    with pytest.raises(UserError, match="unknown task 'sst3'"):
+        glue_task("sst3")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random encoder with a WordPiece tokenizer, saved as an export directory."""
+    words = GOOD + BAD + ["the", "film", "was", "plot", "and", "a", "very"]
+    texts = [" ".join(np.random.default_rng(i).choice(words, 6)) for i in range(300)]
+    tokenizer = train_tokenizer(texts, "wordpiece", 100)
+    directory = tmp_path_factory.mktemp("model")
+    config = tiny_config(vocab_size=tokenizer.get_vocab_size(), dropout=0.1)
+    Pretrained(model_with_heads(config, ["mlm"]), tokenizer).save(directory)
+    return directory
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def sentiment_rows(count: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        label = i % 2
+        word = rng.choice(GOOD if label else BAD)
+        rows.append({"text": f"the film was {word}", "other": f"a {rng.choice(GOOD + BAD)} plot", "label": label,
+                     "score": float(label * 4 + rng.random())})
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["single", "pair", "regression"])
+def test_each_task_type_trains_and_the_best_model_predicts(kind, model_dir, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(48, 0))
+    dev = write_jsonl(tmp_path / "dev.jsonl", sentiment_rows(24, 1))
+    task = Task("mine", text="text", pair="other" if kind == "pair" else None,
+                label="score" if kind == "regression" else "label", regression=kind == "regression",
+                metrics=("pearson", "spearman") if kind == "regression" else ("accuracy", "f1"))
+    settings = Settings(epochs=15, learning_rate=2e-3, batch_size=8, warmup_ratio=0.0)
+    results = finetune(model_dir, task, train, dev, tmp_path / "out", [1, 2], settings)
+    assert [run["seed"] for run in results["runs"]] == [1, 2]
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["summary"] == results["summary"]
+    best = results["runs"][0]
+    assert best["score"] == max(sum(h.values()) / len(h) for h in best["history"])  # the best epoch was kept
+    main_metric = "pearson" if kind == "regression" else "accuracy"
+    assert results["summary"][main_metric]["median"] > 90  # the word decides the label: easy to learn
+    fine_tuned = pretrain.load(tmp_path / "out" / "seed-1" / "model")
+    pairs = ["a dull plot", "a fine plot"] if kind == "pair" else None
+    predicted = fine_tuned.predict(["the film was great", "the film was awful"], pairs)
+    if kind == "regression":
+        assert predicted[0] > predicted[1]
+    else:
+        assert predicted == ["1", "0"]
+
+
+def run_cli(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain.cli", *arguments], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def test_bad_input_is_one_clear_error(model_dir, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(8, 0))
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"text": "a", "label": 7}])
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tokenizer / name).write_bytes((model_dir / name).read_bytes())
+    own = ["--train", str(train), "--dev"]
+    cases = [
+        (["--model", str(model_dir), "--task", "sst3", "--data-dir", str(tmp_path)], "unknown task 'sst3'"),
+        (["--model", str(model_dir), *own, str(train), "--text-column", "review"], "has no column 'review'"),
+        (["--model", str(model_dir), *own, str(odd)], "labels ['7'] are outside the task's label set ['0', '1']"),
+        (["--model", str(no_tokenizer), *own, str(train)], "has no tokenizer.json"),
+    ]
+    for number, (arguments, message) in enumerate(cases):
+        process = run_cli("finetune", *arguments, "--out", str(tmp_path / f"out{number}"), "--epochs", "1")
+        assert process.returncode == 2 and message in process.stderr and "Traceback" not in process.stderr, message
+    process = run_cli("glue", "--model", str(model_dir), "--data-dir", str(tmp_path), "--out", str(tmp_path / "g"))
+    assert process.returncode == 2 and "no GLUE task" in process.stderr
