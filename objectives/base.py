@@ -120,6 +120,42 @@ def token_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100
     return total / (labels != ignore_index).sum().clamp(min=1)
 
 
+class _LabelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy and accuracy over a large vocabulary in few passes over the (N, V) logits: the forward keeps
+    exp(logits - max) (fp32) instead of the logits and log-softmax, and the backward turns it into the gradient in
+    place. The row maximum gives the accuracy for free (no separate argmax)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+        valid = labels != ignore_index
+        safe = labels.masked_fill(~valid, 0)[:, None]
+        maximum = logits.max(dim=-1, keepdim=True).values
+        target = logits.gather(1, safe)
+        exp = (logits.float() - maximum.float()).exp_()
+        total = exp.sum(dim=-1, keepdim=True)
+        count = valid.sum().clamp(min=1)
+        losses = (total.log() + maximum.float() - target.float()).squeeze(1) * valid
+        ctx.save_for_backward(exp, total, safe, valid, count)
+        ctx.logits_dtype = logits.dtype
+        correct = (target.squeeze(1) >= maximum.squeeze(1)) & valid  # a tie with the maximum counts as right
+        return losses.sum() / count, correct.float()
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, grad_correct: Tensor):
+        exp, total, safe, valid, count = ctx.saved_tensors
+        scale = (grad_loss / count) * valid[:, None]
+        grad = exp.mul_(scale / total)  # softmax * scale, in place on the saved buffer (backward runs once)
+        grad.scatter_add_(1, safe, -scale)
+        return grad.to(ctx.logits_dtype), None, None
+
+
+def label_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """(mean cross-entropy over the labels that are not `ignore_index` (0 when there are none), 1.0 where the
+    label has the largest logit (0 where ignored)). Equals `token_cross_entropy` and `accuracy_of` (up to ties),
+    with less memory traffic. logits (N, V), labels (N,)."""
+    return _LabelCrossEntropy.apply(logits, labels, ignore_index)
+
+
 def accuracy_of(logits: Tensor, labels: Tensor) -> Tensor:
     """1.0 where argmax(logits) == label. logits (N, C), labels (N,) -> (N,)"""
     return (logits.argmax(dim=-1) == labels).float()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from models import LMHead, Transformer
-from objectives.base import Batch, Objective, ObjectiveOutput, TokenIds, accuracy_of, token_cross_entropy
+from objectives.base import Batch, Objective, ObjectiveOutput, TokenIds, label_cross_entropy
 from objectives.masking import IGNORE_INDEX
 
 
@@ -33,5 +33,5 @@ class CausalLM(Objective):
     def forward(self, hidden_states: torch.Tensor, batch: Batch) -> ObjectiveOutput:
         labels = next_token_labels(batch).flatten()  # (B * (T-1),)
         logits = self.head(hidden_states[:, :-1]).flatten(0, 1)  # (B * (T-1), V)
-        loss = token_cross_entropy(logits, labels)
-        return ObjectiveOutput(loss, accuracy_of(logits, labels), counted=(labels != IGNORE_INDEX).float())
+        loss, correct = label_cross_entropy(logits, labels)
+        return ObjectiveOutput(loss, correct, counted=(labels != IGNORE_INDEX).float())

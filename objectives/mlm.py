@@ -12,9 +12,8 @@ from objectives.base import (
     Objective,
     ObjectiveOutput,
     TokenIds,
-    accuracy_of,
+    label_cross_entropy,
     resolve_masking_ids,
-    token_cross_entropy,
 )
 from objectives.masking import IGNORE_INDEX, gather_selected, mask_tokens
 
@@ -71,5 +70,5 @@ class MaskedLM(Objective):
 
     def forward(self, hidden_states: torch.Tensor, batch: Batch) -> ObjectiveOutput:
         logits, labels = self.predict(hidden_states, batch["mlm_labels"])
-        loss = token_cross_entropy(logits, labels)
-        return ObjectiveOutput(loss, accuracy_of(logits, labels), counted=(labels != IGNORE_INDEX).float())
+        loss, correct = label_cross_entropy(logits, labels)
+        return ObjectiveOutput(loss, correct, counted=(labels != IGNORE_INDEX).float())

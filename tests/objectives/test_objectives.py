@@ -293,3 +293,23 @@ def test_masking_ids_come_from_the_tokenizer_unless_given():
     assert own.mask_token_id == 7 and own.special_ids == [0, 7]
     with pytest.raises(ValueError, match="ReplacedTokenDetection needs mask_token_id and special_ids"):
         ReplacedTokenDetection().bind(backbone)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_label_cross_entropy_equals_cross_entropy_and_accuracy(dtype):
+    from objectives.base import accuracy_of, label_cross_entropy, token_cross_entropy
+
+    logits = torch.randn(60, 41).to(dtype).requires_grad_()
+    labels = torch.randint(0, 41, (60,))
+    labels[::5] = -100
+    loss, correct = label_cross_entropy(logits, labels)
+    (2.5 * loss).backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    expected = token_cross_entropy(logits, labels)
+    (2.5 * expected).backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.float(), logits.grad.float(), rtol=1e-4, atol=1e-6)
+    assert torch.equal(correct, accuracy_of(logits, labels) * (labels != -100))
+    nothing, _ = label_cross_entropy(logits, torch.full((60,), -100))
+    assert nothing.item() == 0.0

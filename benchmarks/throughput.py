@@ -1,0 +1,247 @@
+"""Training throughput of our pretraining step vs the Hugging Face transformers equivalent, side by side in one run.
+
+    python benchmarks/throughput.py                 # CPU mode: tiny widths, real vocabularies, fp32
+    python benchmarks/throughput.py --mode gpu      # full sizes, bf16 autocast, fused AdamW, torch.compile
+
+Rows: bert-base (MLM + NSP, T = 128), electra-small (RTD, T = 128), albert-base (MLM + SOP, T = 512), gpt2-small
+(CLM, T = 1024); CPU mode keeps each family's vocabulary and objectives but uses 2 layers of width 128 and shorter
+sequences. One step = forward, loss, backward, AdamW step, zero_grad. Ours: `PretrainingModule` (its corruption
+included in the step; MLM output layer only at the masked positions, fixed count per row). Hugging Face:
+BertForPreTraining, AlbertForPreTraining, GPT2LMHeadModel, and for ELECTRA a straightforward generator
+(ElectraForMaskedLM, sharing the discriminator's embeddings) + discriminator (ElectraForPreTraining) loop; masks are
+prepared outside its timed step (as a data collator would). Both sides: SDPA attention (Hugging Face's default),
+the same config, batch and precision; on GPU fused AdamW and torch.compile for both.
+
+MFU = tokens/s x FLOPs per token / peak FLOP/s, with FLOPs per token = 6 N + 12 L H T (PaLM appendix B, nanoGPT):
+N trainable parameters (generator + discriminator for ELECTRA), L layers, H hidden size, T sequence length. The
+peak is 989 TFLOP/s (bf16 dense) on an H100 or H200; on CPU it is measured as the best fp32 rate of a 2048^3 matrix
+product in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import transformers
+
+from models import TransformerConfig
+from models.hf import hf_config_for
+from objectives import CausalLM, MaskedLM, NextSentencePrediction, ReplacedTokenDetection, SentenceOrderPrediction
+from objectives.masking import mask_tokens
+from objectives.rtd import generator_config
+from pretrain.module import PretrainingModule
+from pretrain.optim import build_optimizer
+
+PAD, UNK, CLS, SEP, MASK = 0, 100, 101, 102, 103
+SPECIAL = [PAD, UNK, CLS, SEP, MASK]
+GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+@dataclass
+class Row:
+    name: str
+    preset: str
+    objectives: tuple[str, ...]
+    seq_len: int
+    gpu_batch: int
+    cpu_seq_len: int
+    cpu_batch: int
+
+
+ROWS = [Row("bert-base", "bert-base", ("mlm", "nsp"), 128, 64, 128, 8),
+        Row("electra-small", "electra-small", ("rtd",), 128, 128, 128, 8),
+        Row("albert-base", "albert-base", ("mlm", "sop"), 512, 32, 256, 4),
+        Row("gpt2-small", "gpt2-small", ("clm",), 1024, 16, 256, 4)]
+
+
+def config_for(row: Row, mode: str) -> TransformerConfig:
+    tiny = {} if mode == "gpu" else dict(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512,
+                                         embedding_size=128 if row.preset.startswith("bert") or
+                                         row.preset.startswith("gpt2") else 64)
+    return TransformerConfig.preset(row.preset, dropout=0.0, attention_dropout=0.0, **tiny)
+
+
+def make_batch(row: Row, config: TransformerConfig, batch: int, length: int, device: torch.device) -> dict:
+    ids = torch.randint(1000, config.vocab_size, (batch, length), device=device)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if not config.causal:
+        ids[:, 0] = CLS
+    if "nsp" in row.objectives or "sop" in row.objectives:
+        ids[:, length // 2] = SEP
+        ids[:, -1] = SEP
+        types = torch.zeros_like(ids)
+        types[:, length // 2 + 1:] = 1
+        out["token_type_ids"] = types
+        out["next_sentence_label"] = torch.randint(0, 2, (batch,), device=device)
+    return out
+
+
+def ours_step(row: Row, config: TransformerConfig, batch: dict, length: int, device: torch.device, compile: bool):
+    masked = round(0.15 * length)
+    objectives = {
+        "mlm": lambda: MaskedLM(MASK, SPECIAL, num_masked=masked), "nsp": NextSentencePrediction,
+        "sop": SentenceOrderPrediction, "clm": CausalLM,
+        "rtd": lambda: ReplacedTokenDetection(MASK, SPECIAL, generator_size=0.25 if "small" in row.preset else 1 / 3),
+    }
+    module = PretrainingModule(config, [objectives[name]() for name in row.objectives]).to(device).train()
+    optimizer = build_optimizer("adamw", module, 1e-4, 0.01, (0.9, 0.999), 1e-6)
+    forward = torch.compile(module) if compile else module
+    generator = torch.Generator(device=device)
+
+    def step():
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            loss, _ = forward(batch, generator)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    parameters = sum(p.numel() for p in module.parameters())
+    return step, parameters
+
+
+def hf_step(row: Row, config: TransformerConfig, batch: dict, device: torch.device, compile: bool):
+    fused = device.type == "cuda"
+    generator = torch.Generator(device=device).manual_seed(0)
+    if row.preset.startswith("gpt2"):
+        model = transformers.GPT2LMHeadModel(hf_config_for(config, "gpt2"))
+        models, inputs = [model], {"input_ids": batch["input_ids"], "labels": batch["input_ids"]}
+    elif row.preset.startswith("electra"):
+        discriminator = transformers.ElectraForPreTraining(hf_config_for(config, "electra"))
+        small = generator_config(config, 0.25 if "small" in row.preset else 1 / 3)
+        generator_model = transformers.ElectraForMaskedLM(hf_config_for(small, "electra"))
+        generator_model.electra.embeddings = discriminator.electra.embeddings  # shared, as in the paper
+        generator_model.generator_lm_head.weight = discriminator.electra.embeddings.word_embeddings.weight
+        models = [discriminator, generator_model]
+    else:
+        family = "albert" if row.preset.startswith("albert") else "bert"
+        model = getattr(transformers, "AlbertForPreTraining" if family == "albert" else "BertForPreTraining")(
+            hf_config_for(config, family))
+        models = [model]
+    for model in models:
+        model.to(device).train()
+    parameters = {id(p): p for model in models for p in model.parameters()}
+    optimizer = torch.optim.AdamW(list(parameters.values()), lr=1e-4, weight_decay=0.01, fused=fused)
+    masked_ids, labels = None, None
+    if not row.preset.startswith("gpt2"):
+        masked_ids, labels = mask_tokens(batch["input_ids"], mask_token_id=MASK, vocab_size=config.vocab_size,
+                                         special_ids=SPECIAL, generator=generator,
+                                         num_masked=round(0.15 * batch["input_ids"].shape[1]))
+    runs = [torch.compile(m) if compile else m for m in models]
+
+    def step():
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            if row.preset.startswith("gpt2"):
+                loss = runs[0](**inputs).loss
+            elif row.preset.startswith("electra"):
+                discriminator, generator_model = runs
+                generated = generator_model(masked_ids, attention_mask=batch["attention_mask"], labels=labels)
+                with torch.no_grad():
+                    selected = labels != -100
+                    probabilities = generated.logits[selected].float().softmax(-1)
+                    corrupted = batch["input_ids"].clone()
+                    corrupted[selected] = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+                replaced = (corrupted != batch["input_ids"]).long()
+                judged = discriminator(corrupted, attention_mask=batch["attention_mask"], labels=replaced)
+                loss = generated.loss + 50.0 * judged.loss
+            else:
+                order = "sentence_order_label" if row.preset.startswith("albert") else "next_sentence_label"
+                loss = runs[0](masked_ids, attention_mask=batch["attention_mask"],
+                               token_type_ids=batch["token_type_ids"], labels=labels,
+                               **{order: batch["next_sentence_label"]}).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, sum(p.numel() for p in parameters.values())
+
+
+def timed(step, device: torch.device, warmup: int, steps: int) -> tuple[float, float | None]:
+    """(median seconds per step over `steps` after `warmup`, peak GPU memory in GiB)."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return statistics.median(times), memory
+
+
+def peak_flops(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, value in GPU_PEAK.items():
+            if key in name:
+                return value, f"{name}: {value / 1e12:.0f} TFLOP/s bf16 dense"
+        return float("nan"), f"{name}: peak unknown"
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best = min(_time(lambda: a @ b) for _ in range(5))
+    rate = 2 * 2048**3 / best
+    return rate, f"CPU, {torch.get_num_threads()} threads: measured fp32 matmul peak {rate / 1e9:.0f} GFLOP/s"
+
+
+def _time(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--rows", default=",".join(r.name for r in ROWS))
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per side (default: cpu 6, gpu 20)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: cpu 2, gpu 10)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile both sides (default: on for gpu, off for cpu)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.mode == "gpu" else "cpu")
+    compile = args.mode == "gpu" if args.compile is None else args.compile
+    steps = args.steps or (20 if args.mode == "gpu" else 6)
+    warmup = args.warmup or (10 if args.mode == "gpu" else 2)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    peak, peak_text = peak_flops(device)
+    print(f"mode {args.mode}; {peak_text}; torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"compile {compile}; {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; median of {steps} steps "
+          f"after {warmup}")
+    print("MFU = tokens/s * (6 N + 12 L H T) / peak")
+    header = f"{'model':<14}{'side':<14}{'batch x T':>11}{'params':>9}{'tokens/s':>11}{'peak GiB':>9}{'MFU':>7}"
+    print(header + f"{'ours / HF':>10}")
+    for row in ROWS:
+        if row.name not in args.rows.split(","):
+            continue
+        torch.manual_seed(0)
+        config = config_for(row, args.mode)
+        batch_size, length = (row.gpu_batch, row.seq_len) if args.mode == "gpu" else (row.cpu_batch, row.cpu_seq_len)
+        batch = make_batch(row, config, batch_size, length, device)
+        results = {}
+        for side in ("ours", "hf"):
+            step, parameters = (ours_step(row, config, batch, length, device, compile) if side == "ours"
+                                else hf_step(row, config, batch, device, compile))
+            seconds, memory = timed(step, device, warmup, steps)
+            tokens = batch_size * length / seconds
+            flops = 6 * parameters + 12 * config.num_layers * config.hidden_size * length
+            results[side] = (seconds, memory, tokens, tokens * flops / peak, parameters)
+            del step
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        for side, (_, memory, tokens, mfu, parameters) in results.items():
+            ratio = f"{results['ours'][2] / results['hf'][2]:>9.2f}x" if side == "ours" else ""
+            print(f"{row.name:<14}{'ours' if side == 'ours' else 'hugging face':<14}{f'{batch_size} x {length}':>11}"
+                  f"{parameters / 1e6:>8.1f}M{tokens:>11,.0f}{memory if memory is not None else float('nan'):>9.2f}"
+                  f"{100 * mfu:>6.1f}%{ratio}")
+
+
+if __name__ == "__main__":
+    main()
