@@ -206,6 +206,7 @@ def lightning_cli(argv: list[str], run: bool = True):
     from pretrain.checkpoints import Checkpoints, RunSummary
     from pretrain.datamodule import PretrainingDataModule
     from pretrain.module import PretrainingModule
+    from pretrain.speed import Throughput
 
     class SaveConfig(SaveConfigCallback):
         """Saves config.yaml beside the logs, and the same resolved recipe inside every checkpoint."""
@@ -220,6 +221,7 @@ def lightning_cli(argv: list[str], run: bool = True):
                                   apply_on="instantiate")
             parser.add_lightning_class_args(Checkpoints, "checkpoint")
             parser.add_lightning_class_args(RunSummary, "summary")
+            parser.add_lightning_class_args(Throughput, "throughput")
             parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
                                  "checkpoint.every_n_train_steps": 1000})
 

@@ -192,3 +192,13 @@ def test_plot_draws_one_panel_per_objective(tmp_path):
     assert sorted(read_metrics(tmp_path)["train/mlm_loss"]) == list(range(10))
     process = run_cli("plot", str(tmp_path / "logs" / "nothing"))
     assert process.returncode == 2 and "no metrics.csv" in process.stderr
+
+
+def test_training_logs_tokens_per_second(tmp_path):
+    recipe = CONFIGS / "tiny" / "gpt2.yaml"
+    assert main(["fit", "-c", str(recipe), *overrides(tmp_path, recipe), "--trainer.max_steps", "7",
+                 "--throughput.window", "2", "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
+                 "--model.warmup_steps", "1", "--trainer.enable_progress_bar", "false"]) == 0
+    rows = list(csv.DictReader((tmp_path / "runs" / "logs" / "version_0" / "metrics.csv").open()))
+    rates = [float(row["train/tokens_per_sec"]) for row in rows if row.get("train/tokens_per_sec")]
+    assert len(rates) == 3 and all(rate > 0 for rate in rates)  # every 2 steps after the first

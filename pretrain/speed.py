@@ -1,0 +1,51 @@
+"""Training speed as it runs: tokens per second and model-FLOPs utilisation (MFU), logged with the losses."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from pytorch_lightning.callbacks import Callback
+
+# dense bf16 / fp16 peak FLOP/s per GPU (the H200 is missing from Lightning's table; same compute as the H100 SXM)
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def gpu_peak(device_name: str) -> float | None:
+    return next((peak for key, peak in GPU_PEAK_BF16.items() if key in device_name), None)
+
+
+def flops_per_token(parameters: int, num_layers: int, hidden_size: int, seq_len: int) -> int:
+    """6 N + 12 L H T: forward and backward matmuls with every parameter, plus attention (PaLM appendix B)."""
+    return 6 * parameters + 12 * num_layers * hidden_size * seq_len
+
+
+class Throughput(Callback):
+    """Logs train/tokens_per_sec (padded tokens: no host sync) every `window` steps, and train/mfu on GPUs whose
+    bf16 peak is known (H100, H200, A100, ...), counting all trainable parameters of the module (ELECTRA's
+    generator included)."""
+
+    def __init__(self, window: int = 20):
+        self.window = window
+        self._start: float | None = None
+        self._tokens = self._steps = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self._start is None:  # the window starts after the first step (warm-up, compilation)
+            self._start = time.perf_counter()
+            return
+        self._tokens += batch["input_ids"].numel()
+        self._steps += 1
+        if self._steps < self.window:
+            return
+        rate = self._tokens * trainer.world_size / (time.perf_counter() - self._start)
+        metrics = {"train/tokens_per_sec": rate}
+        peak = gpu_peak(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+        if peak is not None:
+            config = pl_module.backbone.config
+            parameters = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+            flops = flops_per_token(parameters, config.num_layers, config.hidden_size, batch["input_ids"].shape[1])
+            metrics["train/mfu"] = rate * flops / (peak * trainer.world_size)
+        for logger in trainer.loggers:  # straight to the loggers: a plain number, once per window
+            logger.log_metrics(metrics, step=trainer.global_step - 1)
+        self._start, self._tokens, self._steps = time.perf_counter(), 0, 0
