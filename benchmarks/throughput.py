@@ -12,8 +12,10 @@ BertForPreTraining, AlbertForPreTraining, GPT2LMHeadModel, and for ELECTRA a str
 prepared outside its timed step (as a data collator would). Both sides: SDPA attention (Hugging Face's default),
 the same config, batch and precision; on GPU fused AdamW and torch.compile for both.
 
-MFU = tokens/s x FLOPs per token / peak FLOP/s, with FLOPs per token = 6 N + 12 L H T (PaLM appendix B, nanoGPT):
-N trainable parameters (generator + discriminator for ELECTRA), L layers, H hidden size, T sequence length. The
+MFU = tokens/s x FLOPs per token / peak FLOP/s, with the model's FLOPs per token = 6 N + 12 L H T (PaLM appendix
+B, nanoGPT), the same for both sides: N = the parameters used in matrix products once per token (all but the
+embedding tables, generator + discriminator for ELECTRA) plus the tied V x E output layer times the fraction of
+positions whose logits the loss needs (1 for CLM, 0.15 for MLM), L layers, H hidden size, T sequence length. The
 peak is 989 TFLOP/s (bf16 dense) on an H100 or H200; on CPU it is measured as the best fp32 rate of a 2048^3 matrix
 product in this process.
 """
@@ -35,6 +37,7 @@ from objectives.masking import mask_tokens
 from objectives.rtd import generator_config
 from pretrain.module import PretrainingModule
 from pretrain.optim import build_optimizer
+from pretrain.speed import model_flops_per_token
 
 PAD, UNK, CLS, SEP, MASK = 0, 100, 101, 102, 103
 SPECIAL = [PAD, UNK, CLS, SEP, MASK]
@@ -99,8 +102,7 @@ def ours_step(row: Row, config: TransformerConfig, batch: dict, length: int, dev
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    parameters = sum(p.numel() for p in module.parameters())
-    return step, parameters
+    return step, model_flops_per_token(module, length)
 
 
 def hf_step(row: Row, config: TransformerConfig, batch: dict, device: torch.device, compile: bool):
@@ -156,7 +158,7 @@ def hf_step(row: Row, config: TransformerConfig, batch: dict, device: torch.devi
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step, sum(p.numel() for p in parameters.values())
+    return step, sum(p.numel() for p in parameters.values())  # (its parameter count, printed)
 
 
 def timed(step, device: torch.device, warmup: int, steps: int) -> tuple[float, float | None]:
@@ -215,8 +217,8 @@ def main() -> None:
     print(f"mode {args.mode}; {peak_text}; torch {torch.__version__}, transformers {transformers.__version__}; "
           f"compile {compile}; {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; median of {steps} steps "
           f"after {warmup}")
-    print("MFU = tokens/s * (6 N + 12 L H T) / peak")
-    header = f"{'model':<14}{'side':<14}{'batch x T':>11}{'params':>9}{'tokens/s':>11}{'peak GiB':>9}{'MFU':>7}"
+    print("MFU = tokens/s * (6 N + 12 L H T) / peak (N: matmul parameters, output layer where the loss needs it)")
+    header = f"{'model':<14}{'side':<14}{'batch x T':>11}{'GFLOP/tok':>10}{'tokens/s':>11}{'peak GiB':>9}{'MFU':>7}"
     print(header + f"{'ours / HF':>10}")
     for row in ROWS:
         if row.name not in args.rows.split(","):
@@ -225,21 +227,22 @@ def main() -> None:
         config = config_for(row, args.mode)
         batch_size, length = (row.gpu_batch, row.seq_len) if args.mode == "gpu" else (row.cpu_batch, row.cpu_seq_len)
         batch = make_batch(row, config, batch_size, length, device)
-        results = {}
-        for side in ("ours", "hf"):
-            step, parameters = (ours_step(row, config, batch, length, device, compile) if side == "ours"
-                                else hf_step(row, config, batch, device, compile))
+        results, flops = {}, 0.0
+        for side in ("ours", "hf"):  # ours first: its module gives the model's FLOPs per token for both
+            if side == "ours":
+                step, flops = ours_step(row, config, batch, length, device, compile)
+            else:
+                step, _ = hf_step(row, config, batch, device, compile)
             seconds, memory = timed(step, device, warmup, steps)
             tokens = batch_size * length / seconds
-            flops = 6 * parameters + 12 * config.num_layers * config.hidden_size * length
-            results[side] = (seconds, memory, tokens, tokens * flops / peak, parameters)
+            results[side] = (seconds, memory, tokens, tokens * flops / peak, flops)
             del step
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        for side, (_, memory, tokens, mfu, parameters) in results.items():
+        for side, (_, memory, tokens, mfu, flops) in results.items():
             ratio = f"{results['ours'][2] / results['hf'][2]:>9.2f}x" if side == "ours" else ""
             print(f"{row.name:<14}{'ours' if side == 'ours' else 'hugging face':<14}{f'{batch_size} x {length}':>11}"
-                  f"{parameters / 1e6:>8.1f}M{tokens:>11,.0f}{memory if memory is not None else float('nan'):>9.2f}"
+                  f"{flops / 1e9:>10.3f}{tokens:>11,.0f}{f'{memory:.2f}' if memory is not None else '-':>9}"
                   f"{100 * mfu:>6.1f}%{ratio}")
 
 

@@ -126,12 +126,13 @@ class _LabelCrossEntropy(torch.autograd.Function):
     place. The row maximum gives the accuracy for free (no separate argmax)."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    def forward(ctx, logits: Tensor, labels: Tensor, ignore_index: int, overwrite: bool) -> tuple[Tensor, Tensor]:
         valid = labels != ignore_index
         safe = labels.masked_fill(~valid, 0)[:, None]
         maximum = logits.max(dim=-1, keepdim=True).values
         target = logits.gather(1, safe)
-        exp = (logits.float() - maximum.float()).exp_()
+        buffer = logits.detach() if overwrite and logits.dtype == torch.float32 else logits.float().clone()
+        exp = buffer.sub_(maximum.float()).exp_()
         total = exp.sum(dim=-1, keepdim=True)
         count = valid.sum().clamp(min=1)
         losses = (total.log() + maximum.float() - target.float()).squeeze(1) * valid
@@ -146,14 +147,16 @@ class _LabelCrossEntropy(torch.autograd.Function):
         scale = (grad_loss / count) * valid[:, None]
         grad = exp.mul_(scale / total)  # softmax * scale, in place on the saved buffer (backward runs once)
         grad.scatter_add_(1, safe, -scale)
-        return grad.to(ctx.logits_dtype), None, None
+        return grad.to(ctx.logits_dtype), None, None, None
 
 
-def label_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+def label_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100, overwrite_logits: bool = False
+                        ) -> tuple[Tensor, Tensor]:
     """(mean cross-entropy over the labels that are not `ignore_index` (0 when there are none), 1.0 where the
     label has the largest logit (0 where ignored)). Equals `token_cross_entropy` and `accuracy_of` (up to ties),
-    with less memory traffic. logits (N, V), labels (N,)."""
-    return _LabelCrossEntropy.apply(logits, labels, ignore_index)
+    with less memory traffic. With `overwrite_logits` (fp32 logits that nothing else reads, e.g. fresh from the
+    output layer) their memory is reused instead of allocating another (N, V) buffer. logits (N, V), labels (N,)."""
+    return _LabelCrossEntropy.apply(logits, labels, ignore_index, overwrite_logits)
 
 
 def accuracy_of(logits: Tensor, labels: Tensor) -> Tensor:

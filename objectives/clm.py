@@ -33,5 +33,5 @@ class CausalLM(Objective):
     def forward(self, hidden_states: torch.Tensor, batch: Batch) -> ObjectiveOutput:
         labels = next_token_labels(batch).flatten()  # (B * (T-1),)
         logits = self.head(hidden_states[:, :-1]).flatten(0, 1)  # (B * (T-1), V)
-        loss, correct = label_cross_entropy(logits, labels)
+        loss, correct = label_cross_entropy(logits, labels, overwrite_logits=True)  # nothing else reads them
         return ObjectiveOutput(loss, correct, counted=(labels != IGNORE_INDEX).float())

@@ -15,15 +15,26 @@ def gpu_peak(device_name: str) -> float | None:
     return next((peak for key, peak in GPU_PEAK_BF16.items() if key in device_name), None)
 
 
-def flops_per_token(parameters: int, num_layers: int, hidden_size: int, seq_len: int) -> int:
-    """6 N + 12 L H T: forward and backward matmuls with every parameter, plus attention (PaLM appendix B)."""
-    return 6 * parameters + 12 * num_layers * hidden_size * seq_len
+def model_flops_per_token(module, seq_len: int) -> float:
+    """Training FLOPs per token of a `PretrainingModule`: 6 N + 12 L H T (PaLM appendix B; nanoGPT), where N counts
+    the parameters used in matrix products once per token: all trainable parameters except the embedding tables
+    (lookups), plus the tied output layer (V x E) times the fraction of positions whose logits the objectives need
+    (1 for CLM, the masking probability for MLM and ELECTRA's generator)."""
+    config = module.backbone.config
+    parameters = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    tables = sum(p.numel() for name, p in module.backbone.embeddings.named_parameters()
+                 if name in ("word.weight", "position.weight", "token_type.weight"))
+    fraction = 0.0
+    for objective in module.objectives:
+        masking = objective.generator_mlm if objective.name == "rtd" else objective
+        fraction = max(fraction, 1.0 if objective.name == "clm" else getattr(masking, "mask_prob", 0.0))
+    matmul = parameters - tables + fraction * config.vocab_size * config.embedding_size
+    return 6 * matmul + 12 * config.num_layers * config.hidden_size * seq_len
 
 
 class Throughput(Callback):
     """Logs train/tokens_per_sec (padded tokens: no host sync) every `window` steps, and train/mfu on GPUs whose
-    bf16 peak is known (H100, H200, A100, ...), counting all trainable parameters of the module (ELECTRA's
-    generator included)."""
+    bf16 peak is known (H100, H200, A100, ...), with `model_flops_per_token` (ELECTRA's generator included)."""
 
     def __init__(self, window: int = 20):
         self.window = window
@@ -42,9 +53,7 @@ class Throughput(Callback):
         metrics = {"train/tokens_per_sec": rate}
         peak = gpu_peak(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
         if peak is not None:
-            config = pl_module.backbone.config
-            parameters = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-            flops = flops_per_token(parameters, config.num_layers, config.hidden_size, batch["input_ids"].shape[1])
+            flops = model_flops_per_token(pl_module, batch["input_ids"].shape[1])
             metrics["train/mfu"] = rate * flops / (peak * trainer.world_size)
         for logger in trainer.loggers:  # straight to the loggers: a plain number, once per window
             logger.log_metrics(metrics, step=trainer.global_step - 1)

@@ -313,3 +313,10 @@ def test_label_cross_entropy_equals_cross_entropy_and_accuracy(dtype):
     assert torch.equal(correct, accuracy_of(logits, labels) * (labels != -100))
     nothing, _ = label_cross_entropy(logits, torch.full((60,), -100))
     assert nothing.item() == 0.0
+    fresh, reference = (logits.detach().float().clone().requires_grad_() for _ in range(2))
+    overwritten, _ = label_cross_entropy(fresh * 1.0, labels, overwrite_logits=True)  # a non-leaf, as in the heads
+    overwritten.backward()
+    expected = token_cross_entropy(reference, labels)
+    expected.backward()
+    torch.testing.assert_close(overwritten, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fresh.grad, reference.grad, rtol=1e-4, atol=1e-7)
