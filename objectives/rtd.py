@@ -16,8 +16,8 @@ from objectives.base import (
     ObjectiveOutput,
     TokenIds,
     backbone_inputs,
+    label_cross_entropy,
     resolve_masking_ids,
-    token_cross_entropy,
 )
 from objectives.masking import IGNORE_INDEX
 from objectives.mlm import MaskedLM
@@ -73,7 +73,7 @@ class ReplacedTokenDetection(Objective):
             if isinstance(module, nn.Embedding):  # the same modules, hence the same tensors
                 setattr(self.generator.embeddings, name, module)
         self.generator_mlm.bind(self.generator, TokenIds(mask, special))  # its head: the shared word embeddings
-        self.scorer = TokenScorer(backbone.config)
+        self.head = TokenScorer(backbone.config)  # the discriminator's
 
     def corrupt(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         original = batch["input_ids"]
@@ -82,17 +82,17 @@ class ReplacedTokenDetection(Objective):
         selected = masked["mlm_labels"] != IGNORE_INDEX  # (B, T)
         logits, labels = self.generator_mlm.predict(hidden, masked["mlm_labels"])  # (N, V), (N,)
         logits = logits.float()
-        generator_loss = token_cross_entropy(logits, labels)
+        generator_loss, generator_correct = label_cross_entropy(logits, labels)  # logits are read again below
         with torch.no_grad():  # sampling is not differentiable: the discriminator's loss never reaches the generator
             probabilities = torch.softmax(logits / self.temperature, dim=-1)
             sampled = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
         corrupted = original.masked_scatter(selected, sampled)
         replaced = corrupted != original  # a sample equal to the original counts as not replaced
         return {**batch, "input_ids": corrupted, "rtd_labels": replaced.float(), "rtd_generator_loss": generator_loss,
-                "rtd_generator_correct": (logits.argmax(-1) == labels).float().sum() / max(len(logits), 1)}
+                "rtd_generator_correct": generator_correct.sum() / max(len(logits), 1)}
 
     def forward(self, hidden_states: torch.Tensor, batch: Batch) -> ObjectiveOutput:
-        logits = self.scorer(hidden_states).float()  # (B, T)
+        logits = self.head(hidden_states).float()  # (B, T)
         labels = batch["rtd_labels"]
         real = batch["attention_mask"].float() if "attention_mask" in batch else torch.ones_like(labels)
         per_token = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")

@@ -18,7 +18,7 @@ from models import ModelWithHeads, Transformer
 from models.heads import ClassificationHead
 from pretrain.errors import UserError
 from pretrain.optim import build_optimizer, schedule_factor
-from pretrain.pretrained import Pretrained, load
+from pretrain.pretrained import Pretrained, load, pad_pairs, task_output
 from pretrain.tasks import Task, compute_metrics, label_ids, read_examples, score
 
 
@@ -33,7 +33,7 @@ class Settings:
     from_scratch: bool = False  # same architecture and tokenizer, random weights: the baseline
 
 
-class Encoded(torch.utils.data.Dataset):
+class TaskExamples(torch.utils.data.Dataset):
     """Tokenized examples (ids and segment ids, [CLS] A [SEP] (B [SEP])) and their targets."""
 
     def __init__(self, pretrained: Pretrained, texts: list[str], pairs: list[str] | None, targets: Tensor,
@@ -50,16 +50,7 @@ class Encoded(torch.utils.data.Dataset):
 
 def collate(pad_id: int):
     def stack(items) -> dict[str, Tensor]:
-        width = max(len(ids) for (ids, _), _ in items)
-        input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-        token_type_ids = torch.zeros(len(items), width, dtype=torch.long)
-        attention_mask = torch.zeros(len(items), width, dtype=torch.long)
-        for row, ((ids, types), _) in enumerate(items):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            token_type_ids[row, :len(ids)] = torch.tensor(types)
-            attention_mask[row, :len(ids)] = 1
-        return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask,
-                "targets": torch.stack([target for _, target in items])}
+        return pad_pairs([row for row, _ in items], pad_id) | {"targets": torch.stack([t for _, t in items])}
     return stack
 
 
@@ -76,10 +67,7 @@ class FineTuningModule(pl.LightningModule):
         self.history: list[dict[str, float]] = []
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        hidden = self.backbone(batch["input_ids"], attention_mask=batch["attention_mask"],
-                               token_type_ids=batch["token_type_ids"] if self.backbone.config.type_vocab_size else None)
-        logits = self.head(hidden)
-        return logits.squeeze(-1) if self.task.regression else logits
+        return task_output(self.backbone, self.head, batch, self.task.regression)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         output = self(batch)
@@ -141,13 +129,13 @@ def finetune_once(model_path: str | Path, task: Task, train_path: Path, dev_path
     source = next((pretrained.model.heads[n] for n in ("nsp", "sop") if n in pretrained.model.heads), None)
     if source is not None and not settings.from_scratch:
         head.pooler.load_state_dict(source.pooler.state_dict())  # BERT starts from its NSP pooler
-    train_data = Encoded(pretrained, train.texts, train.pairs, label_ids(task, train.labels, labels, train_path),
+    train_data = TaskExamples(pretrained, train.texts, train.pairs, label_ids(task, train.labels, labels, train_path),
                          settings.max_length)
-    dev_data = Encoded(pretrained, dev.texts, dev.pairs, label_ids(task, dev.labels, labels, dev_path),
+    dev_data = TaskExamples(pretrained, dev.texts, dev.pairs, label_ids(task, dev.labels, labels, dev_path),
                        settings.max_length)
-    pad = pretrained.special.pad if pretrained.special.pad is not None else 0
     loaders = [torch.utils.data.DataLoader(data, batch_size=settings.batch_size, shuffle=shuffle,
-                                           collate_fn=collate(pad), generator=torch.Generator().manual_seed(seed))
+                                           collate_fn=collate(pretrained.pad_id),
+                                           generator=torch.Generator().manual_seed(seed))
                for data, shuffle in ((train_data, True), (dev_data, False))]
     module = FineTuningModule(backbone, head, task, num_labels, settings)
     trainer = pl.Trainer(max_epochs=settings.epochs, logger=CSVLogger(out, name="", version=""),

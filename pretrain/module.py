@@ -135,9 +135,8 @@ class PretrainingModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def heads(self) -> dict[str, nn.Module]:
-        """The objectives' heads by objective name (ELECTRA's: its discriminator's scorer), as `ModelWithHeads`
-        and the Hugging Face export name them."""
-        return {o.name: o.scorer if o.name == "rtd" else o.head for o in self.objectives}
+        """The objectives' heads by objective name, as `ModelWithHeads` and the Hugging Face export name them."""
+        return {o.name: o.head for o in self.objectives}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """What `pretrain.load` and `pretrain export` need besides the weights, and the RNG state for exact resume

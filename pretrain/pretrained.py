@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_model
 from tokenizers import Tokenizer
-from torch import Tensor
+from torch import Tensor, nn
 
 from models import ModelWithHeads, Transformer, TransformerConfig, make_head
 from pretrain import __version__
@@ -26,6 +26,26 @@ from pretrain.generate import LanguageModel, Strategy, generate, perplexity
 from pretrain.tokenizer import load_tokenizer, special_ids
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+
+
+def right_pad(rows: list[list[int]], value: int) -> Tensor:
+    """Rows of different lengths as one (B, T_max) tensor, padded on the right with `value`."""
+    width = max(len(row) for row in rows)
+    return torch.tensor([list(row) + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+
+
+def pad_pairs(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Tensor]:
+    """(ids, segment ids) rows as input_ids, token_type_ids and attention_mask (B, T_max)."""
+    return {"input_ids": right_pad([ids for ids, _ in rows], pad_id),
+            "token_type_ids": right_pad([types for _, types in rows], 0),
+            "attention_mask": right_pad([[1] * len(ids) for ids, _ in rows], 0)}
+
+
+def task_output(backbone: Transformer, head: nn.Module, batch: dict[str, Tensor], regression: bool) -> Tensor:
+    """A task head on [CLS]: logits (B, labels), or (B,) values for regression."""
+    types = batch["token_type_ids"] if backbone.config.type_vocab_size else None
+    logits = head(backbone(batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=types))
+    return logits.squeeze(-1) if regression else logits
 
 
 @dataclass
@@ -46,6 +66,10 @@ class Pretrained:
     @property
     def config(self) -> TransformerConfig:
         return self.model.config
+
+    @property
+    def pad_id(self) -> int:
+        return self.special.pad if self.special.pad is not None else 0
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids as in pretraining: encoders get the tokenizer's [CLS] ... [SEP] template, causal models plain
@@ -72,23 +96,12 @@ class Pretrained:
             raise UserError(f"the task {self.task['name']} takes " + ("text pairs: give pairs" if self.task["pair"]
                                                                       else "single texts: give no pairs"))
         rows = self.tokenize_pairs(texts, pairs, self.task["max_length"])
-        pad = self.special.pad if self.special.pad is not None else 0
         out: list = []
         for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            types, mask = torch.zeros_like(ids), torch.zeros_like(ids)
-            for row, (tokens, segments) in enumerate(chunk):
-                ids[row, :len(tokens)], types[row, :len(tokens)] = torch.tensor(tokens), torch.tensor(segments)
-                mask[row, :len(tokens)] = 1
-            hidden = self.model.backbone(ids, attention_mask=mask,
-                                         token_type_ids=types if self.config.type_vocab_size else None)
-            logits = self.model.heads["task"](hidden)
-            if self.task["regression"]:
-                out += logits.squeeze(-1).tolist()
-            else:
-                out += [self.task["labels"][i] for i in logits.argmax(-1).tolist()]
+            batch = pad_pairs(rows[start:start + batch_size], self.pad_id)
+            output = task_output(self.model.backbone, self.model.heads["task"], batch, self.task["regression"])
+            out += output.tolist() if self.task["regression"] else [self.task["labels"][i]
+                                                                   for i in output.argmax(-1).tolist()]
         return out
 
     @torch.no_grad()
@@ -96,13 +109,7 @@ class Pretrained:
         """Token-level hidden states and a pooled vector per text."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         ids = self.tokenize(texts)
-        width = max(len(row) for row in ids)
-        pad = self.special.pad if self.special.pad is not None else 0
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros(len(ids), width, dtype=torch.long)
-        for row, tokens in enumerate(ids):
-            input_ids[row, : len(tokens)] = torch.tensor(tokens)
-            attention_mask[row, : len(tokens)] = 1
+        input_ids, attention_mask = right_pad(ids, self.pad_id), right_pad([[1] * len(row) for row in ids], 0)
         device = next(self.model.parameters()).device
         hidden = torch.cat([
             self.model.backbone(input_ids[i:i + batch_size].to(device),
@@ -127,8 +134,7 @@ class Pretrained:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = [row or [self.special.eos if self.special.eos is not None else 0] for row in self.tokenize(prompts)]
         settings.setdefault("eos_id", self.special.eos)
-        pad = self.special.pad if self.special.pad is not None else 0
-        new = generate(self.language_model(), ids, strategy, pad_id=pad, seed=seed, **settings)
+        new = generate(self.language_model(), ids, strategy, pad_id=self.pad_id, seed=seed, **settings)
         return [self.tokenizer.decode(tokens) for tokens in new]
 
     @torch.no_grad()

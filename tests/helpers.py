@@ -1,4 +1,8 @@
-"""Tiny vocabularies, configs and batches shared by the tests."""
+"""Tiny vocabularies, configs and batches shared by the tests; running the `pretrain` command."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -38,3 +42,11 @@ def pair_batch(batch_size: int = 4, length: int = 16, generator: torch.Generator
         token_type_ids[row, a_len + 2:len(row_ids)] = 1
     return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": (input_ids != PAD).long(),
             "next_sentence_label": torch.randint(0, 2, (batch_size,), generator=generator)}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*arguments: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`pretrain ARGUMENTS` in a fresh process (as a user runs it: exit status, stdout, stderr)."""
+    return subprocess.run([sys.executable, "-m", "pretrain.cli", *arguments], capture_output=True, text=True, cwd=cwd)

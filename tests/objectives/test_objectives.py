@@ -161,7 +161,7 @@ def test_rtd_loss_is_generator_plus_lambda_discriminator():
 def test_rtd_discriminator_loss_covers_every_real_token():
     backbone, rtd, _, batch, output = rtd_step()
     hidden = backbone(batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = rtd.scorer(hidden)
+    logits = rtd.head(hidden)
     real = batch["attention_mask"].bool()
     reference = F.binary_cross_entropy_with_logits(logits[real], batch["rtd_labels"][real])
     assert torch.allclose(output.extra["discriminator_loss"], reference, atol=1e-6)

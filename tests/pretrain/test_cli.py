@@ -12,6 +12,7 @@ import pretrain
 from models import TransformerConfig
 from pretrain.cli import lightning_cli, main
 from pretrain.data import BUNDLED_CORPUS
+from tests.helpers import run_cli
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = sorted(CONFIGS.rglob("*.yaml"))
@@ -111,10 +112,6 @@ def test_a_misspelt_key_in_a_recipe_is_one_clear_error(tmp_path):
     process = subprocess.run([sys.executable, "-m", "pretrain.cli", "fit", "-c", str(recipe)], capture_output=True,
                              text=True, cwd=tmp_path)
     assert process.returncode == 2 and "learnin_rate" in process.stderr and "Traceback" not in process.stderr
-
-
-def run_cli(*arguments: str, cwd: Path = CONFIGS.parent) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pretrain.cli", *arguments], capture_output=True, text=True, cwd=cwd)
 
 
 def test_bad_checkpoints_are_one_clear_error_and_nothing_is_overwritten(tmp_path):

@@ -2,8 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +14,8 @@ from pretrain.finetune import Settings, finetune
 from pretrain.pretrained import Pretrained, model_with_heads
 from pretrain.tasks import GLUE, Task, compute_metrics, glue_task, read_examples
 from pretrain.tokenizer import train_tokenizer
-from tests.helpers import tiny_config
+from tests.helpers import run_cli, tiny_config
 
-ROOT = Path(__file__).resolve().parents[2]
 GOOD, BAD = ["good", "great", "fine", "lovely"], ["bad", "awful", "poor", "dull"]
 
 
@@ -113,11 +110,6 @@ def test_each_task_type_trains_and_the_best_model_predicts(kind, model_dir, tmp_
         assert predicted[0] > predicted[1]
     else:
         assert predicted == ["1", "0"]
-
-
-def run_cli(*arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pretrain.cli", *arguments], capture_output=True, text=True,
-                          cwd=ROOT)
 
 
 def test_bad_input_is_one_clear_error(model_dir, tmp_path):

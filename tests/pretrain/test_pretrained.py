@@ -1,8 +1,5 @@
 """`pretrain.load`, `Pretrained.encode` / `.generate`, and `pretrain export`'s refusals."""
 
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +8,7 @@ import pretrain
 from pretrain.errors import UserError
 from pretrain.pretrained import Pretrained, export, model_with_heads
 from pretrain.tokenizer import train_tokenizer
-from tests.helpers import tiny_config
+from tests.helpers import run_cli, tiny_config
 
 TEXTS = [f"the {w} of the {v} is {u}." for w in ("king", "queen", "fool") for v in ("realm", "play") for u in "abc"]
 
@@ -75,7 +72,6 @@ def test_export_command_errors_are_one_line_and_overwrite_nothing(tokenizer, tmp
     for arguments, message in [([str(tmp_path / "model"), str(tmp_path / "out")], "has no tokenizer.json"),
                                ([str(truncated), str(tmp_path / "out")], "not a readable checkpoint"),
                                ([str(tmp_path / "model"), str(tmp_path / "taken")], "not empty")]:
-        process = subprocess.run([sys.executable, "-m", "pretrain.cli", "export", *arguments], capture_output=True,
-                                 text=True, cwd=Path(__file__).resolve().parents[2])
+        process = run_cli("export", *arguments)
         assert process.returncode == 2 and message in process.stderr and "Traceback" not in process.stderr
     assert not (tmp_path / "out").exists() and (tmp_path / "taken" / "keep.txt").read_text() == "mine"
