@@ -5,8 +5,9 @@
 
 Rows: bert-base (MLM + NSP, T = 128), electra-small (RTD, T = 128), albert-base (MLM + SOP, T = 512), gpt2-small
 (CLM, T = 1024); CPU mode keeps each family's vocabulary and objectives but uses 2 layers of width 128 and shorter
-sequences. One step = forward, loss, backward, AdamW step, zero_grad. Ours: `PretrainingModule` (its corruption
-included in the step; MLM output layer only at the masked positions, fixed count per row). Hugging Face:
+sequences. One step = forward, loss, backward, AdamW step, zero_grad. Ours: `PretrainingModule` as `pretrain fit`
+runs it (its corruption included in the step; the MLM output layer only at the masked positions; with --compile,
+its `compile=True`: backbone, heads and losses compiled, corruption eager). Hugging Face:
 BertForPreTraining, AlbertForPreTraining, GPT2LMHeadModel, and for ELECTRA a straightforward generator
 (ElectraForMaskedLM, sharing the discriminator's embeddings) + discriminator (ElectraForPreTraining) loop; masks are
 prepared outside its timed step (as a data collator would). Both sides: SDPA attention (Hugging Face's default),
@@ -84,20 +85,19 @@ def make_batch(row: Row, config: TransformerConfig, batch: int, length: int, dev
 
 
 def ours_step(row: Row, config: TransformerConfig, batch: dict, length: int, device: torch.device, compile: bool):
-    masked = round(0.15 * length)
     objectives = {
-        "mlm": lambda: MaskedLM(MASK, SPECIAL, num_masked=masked), "nsp": NextSentencePrediction,
+        "mlm": lambda: MaskedLM(MASK, SPECIAL), "nsp": NextSentencePrediction,
         "sop": SentenceOrderPrediction, "clm": CausalLM,
         "rtd": lambda: ReplacedTokenDetection(MASK, SPECIAL, generator_size=0.25 if "small" in row.preset else 1 / 3),
     }
-    module = PretrainingModule(config, [objectives[name]() for name in row.objectives]).to(device).train()
+    module = PretrainingModule(config, [objectives[name]() for name in row.objectives], compile=compile)
+    module.to(device).train()
     optimizer = build_optimizer("adamw", module, 1e-4, 0.01, (0.9, 0.999), 1e-6)
-    forward = torch.compile(module) if compile else module
     generator = torch.Generator(device=device)
 
     def step():
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            loss, _ = forward(batch, generator)
+            loss, _ = module(batch, generator)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -130,8 +130,7 @@ def hf_step(row: Row, config: TransformerConfig, batch: dict, device: torch.devi
     masked_ids, labels = None, None
     if not row.preset.startswith("gpt2"):
         masked_ids, labels = mask_tokens(batch["input_ids"], mask_token_id=MASK, vocab_size=config.vocab_size,
-                                         special_ids=SPECIAL, generator=generator,
-                                         num_masked=round(0.15 * batch["input_ids"].shape[1]))
+                                         special_ids=SPECIAL, generator=generator)
     runs = [torch.compile(m) if compile else m for m in models]
 
     def step():

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100  # labels at positions that carry no loss (the Hugging Face convention)
+
+
+def max_selected(length: int, mask_prob: float, num_masked: int | None = None) -> int:
+    """The most tokens `mask_tokens` selects in a row of `length` (without whole-word masking): the static size of
+    the gathered predictions (`gather_selected`)."""
+    if num_masked is not None:
+        return max(0, min(num_masked, length))
+    return min(length, max(1, math.ceil(mask_prob * length)))
 
 
 def mask_tokens(
@@ -25,12 +34,14 @@ def mask_tokens(
 ) -> tuple[Tensor, Tensor]:
     """Select tokens to predict and corrupt them. input_ids (B, T) -> (corrupted_ids (B, T), labels (B, T)).
 
-    Special tokens (and padding: pass its id in `special_ids`, or an `attention_mask`) are never selected. Each
-    maskable token is selected with probability `mask_prob`; with `num_masked`, exactly that many per row instead
-    (fewer only where a row has fewer maskable tokens), so shapes downstream are static. With `word_starts` (B, T),
-    True at each word's first sub-token, whole words are selected together. Of the selected tokens, the fractions
-    `replace_probs` = (mask, random, keep) become [MASK], a random non-special token, or stay as they are.
-    labels hold the original ids at selected positions and -100 elsewhere.
+    Special tokens (and padding: pass its id in `special_ids`, or an `attention_mask`) are never selected. Each row
+    has round(`mask_prob` x its maskable tokens) selected (at least 1), uniformly without replacement: the rule of
+    Google's BERT (create_pretraining_data.py) and ELECTRA; with `num_masked`, that many per row instead (fewer only
+    where a row has fewer maskable tokens). Either way a row never has more than `max_selected(T, ...)`, so the
+    output layer's input has a static shape and nothing waits for the device. With `word_starts` (B, T), True at each
+    word's first sub-token, whole words are selected instead, each with probability `mask_prob`. Of the selected
+    tokens, the fractions `replace_probs` = (mask, random, keep) become [MASK], a random non-special token, or stay as
+    they are. labels hold the original ids at selected positions and -100 elsewhere.
     """
     if abs(sum(replace_probs) - 1.0) > 1e-6 or min(replace_probs) < 0:
         raise ValueError(f"replace_probs (mask, random, keep) must be >= 0 and sum to 1, got {replace_probs}")
@@ -45,17 +56,19 @@ def mask_tokens(
         maskable &= attention_mask.bool()
 
     scores = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
-    if num_masked is not None:
-        scores = scores.masked_fill(~maskable, 2.0)  # unmaskable last
-        chosen = scores.argsort(dim=1)[:, :num_masked]  # (B, k): the k lowest scores per row
-        selected = torch.zeros_like(maskable).scatter_(1, chosen, True) & maskable
-    elif word_starts is not None:
+    if word_starts is not None:
         starts = word_starts.bool() & maskable
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         word_start_of = torch.cummax(torch.where(starts, positions, 0), dim=1).values  # (B, T) its word's start
         selected = (starts & (scores < mask_prob)).gather(1, word_start_of) & maskable
     else:
-        selected = maskable & (scores < mask_prob)
+        available = maskable.sum(dim=1, keepdim=True)  # (B, 1)
+        count = available if num_masked is not None else (available * mask_prob).round().long().clamp(min=1)
+        limit = max_selected(input_ids.shape[1], mask_prob, num_masked)
+        count = count.clamp(max=limit).minimum(available)
+        order = scores.masked_fill(~maskable, 2.0).argsort(dim=1)  # maskable tokens first, in random order
+        rank = torch.empty_like(order).scatter_(1, order, positions_like(order))  # each token's place in the order
+        selected = rank < count
 
     action = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
     to_mask = selected & (action < replace_probs[0])
@@ -65,6 +78,11 @@ def mask_tokens(
     corrupted = torch.where(to_random, random_ids, corrupted)
     labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
     return corrupted, labels
+
+
+def positions_like(tensor: Tensor) -> Tensor:
+    """0, 1, ..., T-1 along the last dimension, in `tensor`'s shape, dtype and device."""
+    return torch.arange(tensor.shape[-1], device=tensor.device, dtype=tensor.dtype).expand_as(tensor)
 
 
 def random_non_special(
@@ -79,15 +97,25 @@ def random_non_special(
     return ids
 
 
+def selected_positions(labels: Tensor, num_selected: int) -> Tensor:
+    """(B, k) distinct positions per row covering every selected one (labels != -100), when no row has more than k."""
+    return (labels != IGNORE_INDEX).float().topk(num_selected, dim=1, sorted=False).indices
+
+
 def gather_selected(hidden_states: Tensor, labels: Tensor, num_selected: int | None = None) -> tuple[Tensor, Tensor]:
     """Hidden states and labels at the selected positions only, so the V-wide output layer runs there alone.
 
-    hidden_states (B, T, H), labels (B, T) with -100 where not selected -> (N, H), (N,). With `num_selected` the
-    shape is static (B * num_selected; rows with fewer selections contribute -100 labels) and nothing syncs.
+    hidden_states (B, T, H), labels (B, T) with -100 where not selected -> (N, H), (N,). With `num_selected` (at
+    least every row's selected count, e.g. `max_selected`) the shape is static (B * num_selected; rows with fewer
+    selections contribute -100 labels) and nothing syncs; without, boolean indexing waits for the device.
     """
     if num_selected is None:
         selected = labels != IGNORE_INDEX
         return hidden_states[selected], labels[selected]
-    positions = (labels != IGNORE_INDEX).float().topk(num_selected, dim=1, sorted=False).indices  # (B, k)
+    return gather_at(hidden_states, labels, selected_positions(labels, num_selected))
+
+
+def gather_at(hidden_states: Tensor, labels: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """hidden_states (B, T, H) and labels (B, T) at `positions` (B, k) -> (B * k, H), (B * k,)."""
     hidden = hidden_states.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
     return hidden.flatten(0, 1), labels.gather(1, positions).flatten()

@@ -15,13 +15,15 @@ from objectives.base import (
     label_cross_entropy,
     resolve_masking_ids,
 )
-from objectives.masking import IGNORE_INDEX, gather_selected, mask_tokens
+from objectives.masking import IGNORE_INDEX, gather_selected, mask_tokens, max_selected
 
 
 class MaskedLM(Objective):
     """BERT's MLM: `mask_prob` of the tokens selected, 80/10/10 [MASK]/random/kept (`replace_probs`), the tied LM
-    head applied at the selected positions only. `whole_word` masks whole words (needs `word_starts` in the batch);
-    `num_masked` selects a fixed count per row (static shapes, no host sync: best on GPUs and with torch.compile).
+    head applied at the selected positions only. Each row has round(`mask_prob` x its maskable tokens) selected (BERT's
+    own rule), or `num_masked` tokens: either way the output layer's input has a static shape and the step never
+    waits for the device (best on GPUs and with torch.compile). `whole_word` selects whole words instead, each with
+    probability `mask_prob` (needs `word_starts` in the batch; a varying count: one host sync per step).
     """
 
     name = "mlm"
@@ -63,9 +65,14 @@ class MaskedLM(Objective):
         )
         return {**batch, "input_ids": corrupted, "mlm_labels": labels}
 
+    def selected_per_row(self, length: int) -> int | None:
+        """The static number of predictions per row of `length` tokens (None with whole-word masking)."""
+        return None if self.whole_word else max_selected(length, self.mask_prob, self.num_masked)
+
     def predict(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (N, V) and labels (N,) at the selected positions: the output layer sees those alone."""
-        hidden, labels = gather_selected(hidden_states, labels, self.num_masked)  # (N, H), (N,)
+        """Logits (N, V) and labels (N,) at the selected positions: the output layer sees those alone (with the
+        static count, N = B x `selected_per_row(T)`, labels -100 on the unused places)."""
+        hidden, labels = gather_selected(hidden_states, labels, self.selected_per_row(labels.shape[1]))
         return self.head(hidden), labels
 
     def forward(self, hidden_states: torch.Tensor, batch: Batch) -> ObjectiveOutput:

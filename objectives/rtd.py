@@ -19,7 +19,7 @@ from objectives.base import (
     label_cross_entropy,
     resolve_masking_ids,
 )
-from objectives.masking import IGNORE_INDEX
+from objectives.masking import IGNORE_INDEX, gather_at, selected_positions
 from objectives.mlm import MaskedLM
 
 
@@ -79,17 +79,19 @@ class ReplacedTokenDetection(Objective):
         original = batch["input_ids"]
         masked = self.generator_mlm.corrupt(batch, generator)
         hidden = self.generator(masked["input_ids"], **backbone_inputs(batch))
-        selected = masked["mlm_labels"] != IGNORE_INDEX  # (B, T)
-        logits, labels = self.generator_mlm.predict(hidden, masked["mlm_labels"])  # (N, V), (N,)
-        logits = logits.float()
+        # The generator's predictions at a static number of places per row (BERT's count rule): no host sync.
+        positions = selected_positions(masked["mlm_labels"], self.generator_mlm.selected_per_row(original.shape[1]))
+        hidden, labels = gather_at(hidden, masked["mlm_labels"], positions)  # (N, H), (N,); N = B * k
+        logits = self.generator_mlm.head(hidden).float()
         generator_loss, generator_correct = label_cross_entropy(logits, labels)  # logits are read again below
         with torch.no_grad():  # sampling is not differentiable: the discriminator's loss never reaches the generator
             probabilities = torch.softmax(logits / self.temperature, dim=-1)
-            sampled = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
-        corrupted = original.masked_scatter(selected, sampled)
+            sampled = torch.multinomial(probabilities, 1, generator=generator).view(positions.shape)
+        used = labels.view(positions.shape) != IGNORE_INDEX  # the other places are filler: they keep their tokens
+        corrupted = original.scatter(1, positions, torch.where(used, sampled, original.gather(1, positions)))
         replaced = corrupted != original  # a sample equal to the original counts as not replaced
         return {**batch, "input_ids": corrupted, "rtd_labels": replaced.float(), "rtd_generator_loss": generator_loss,
-                "rtd_generator_correct": generator_correct.sum() / max(len(logits), 1)}
+                "rtd_generator_correct": generator_correct.sum() / used.sum().clamp(min=1)}
 
     def forward(self, hidden_states: torch.Tensor, batch: Batch) -> ObjectiveOutput:
         logits = self.head(hidden_states).float()  # (B, T)

@@ -42,6 +42,10 @@ class PretrainingModule(pl.LightningModule):
         seed: the corruption (masks, random tokens, sampled replacements) of training step s on rank r is drawn
             from a generator seeded with (seed, r, s), and validation batch i's from (seed, r, i): a resumed run
             draws exactly what an uninterrupted one would, and every validation sees the same masks.
+        compile: `torch.compile` the backbone, each objective's head and loss, and any network that serves the
+            corruption (ELECTRA's generator): each a single graph (static shapes, no host sync, no graph break). The
+            corruption's random draws run eagerly (they use a seeded generator, which graphs do not take). Best on
+            GPUs; the first training steps and the first validation pay the compilation.
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class PretrainingModule(pl.LightningModule):
         total_steps: int | None = None,
         tokenizer: str | None = None,
         seed: int = 0,
+        compile: bool = False,
     ):
         super().__init__()
         check_combination(objectives, backbone)
@@ -73,6 +78,10 @@ class PretrainingModule(pl.LightningModule):
         self.accuracy = nn.ModuleDict({
             f"{stage}_{o.name}": MeanMetric(nan_strategy="disable") for stage in ("train", "val") for o in objectives
         })
+        if compile:  # in place: the state dict keeps its keys
+            for module in [self.backbone, *self.objectives.modules()]:
+                if isinstance(module, (Objective, Transformer)):
+                    module.compile()
         self._generators: dict[torch.device, torch.Generator] = {}
         self._rng_to_restore: dict[str, Tensor] | None = None
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from objectives import IGNORE_INDEX, gather_selected, mask_tokens
+from objectives.masking import max_selected
 from tests.helpers import CLS, MASK, PAD, SEP, SPECIAL_IDS
 
 VOCAB = 1000
@@ -35,6 +36,31 @@ def test_bert_fractions_over_a_million_tokens():
     assert abs(became_mask - 0.8) < 0.005 and abs(random - 0.1) < 0.005 and abs(unchanged - 0.1) < 0.005
     replaced = selected & (corrupted != MASK) & (corrupted != ids)
     assert not torch.isin(corrupted[replaced], torch.tensor(SPECIAL_IDS)).any()  # random tokens are never special
+
+
+def test_each_row_has_round_fraction_of_its_maskable_tokens_selected():
+    """Google BERT's count rule: max(1, round(0.15 n)) of a row's n maskable tokens; never more than the static
+    size the output layer is given."""
+    lengths = [0, 1, 3, 7, 10, 40, 97, 126]  # real tokens between [CLS] and [SEP]; padding after
+    ids = torch.full((len(lengths), 128), PAD)
+    for row, n in enumerate(lengths):
+        ids[row, 0], ids[row, 1:n + 1], ids[row, n + 1] = CLS, torch.randint(5, VOCAB, (n,)), SEP
+    for seed in range(20):
+        _, labels = mask_tokens(ids, mask_token_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL_IDS,
+                                generator=torch.Generator().manual_seed(seed))
+        counts = (labels != IGNORE_INDEX).sum(1).tolist()
+        assert counts == [0 if n == 0 else max(1, round(0.15 * n)) for n in lengths]
+        assert max(counts) <= max_selected(128, 0.15) == 20
+
+
+def test_selection_is_uniform_over_the_maskable_positions():
+    ids = torch.randint(5, VOCAB, (20_000, 22))
+    ids[:, 0], ids[:, -1] = CLS, SEP  # 20 maskable tokens per row: 3 selected
+    _, labels = mask_tokens(ids, mask_token_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL_IDS,
+                            generator=torch.Generator().manual_seed(0))
+    frequency = (labels != IGNORE_INDEX).float().mean(0)
+    assert frequency[0] == 0 and frequency[-1] == 0
+    assert ((frequency[1:-1] - 3 / 20).abs() < 0.01).all()  # standard error 0.0025
 
 
 def test_attention_mask_excludes_padding_whatever_its_id():

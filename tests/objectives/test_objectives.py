@@ -28,17 +28,22 @@ def bound(objective, **config_overrides):
 
 # --- MLM -------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("num_masked", [None, 3])
-def test_mlm_output_layer_sees_only_selected_positions_and_loss_matches_dense(num_masked):
-    backbone, mlm = bound(MaskedLM(MASK, SPECIAL_IDS, mask_prob=0.3, num_masked=num_masked))
-    batch = mlm.corrupt(stream_batch(4, 16), generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("settings, rows", [
+    ({}, 4 * 5),  # the static count: ceil(0.3 x 16) places per row
+    ({"num_masked": 3}, 4 * 3),
+    ({"whole_word": True}, None),  # a varying count: exactly the selected positions
+])
+def test_mlm_output_layer_sees_only_selected_positions_and_loss_matches_dense(settings, rows):
+    backbone, mlm = bound(MaskedLM(MASK, SPECIAL_IDS, mask_prob=0.3, **settings))
+    batch = stream_batch(4, 16)
+    batch["word_starts"] = torch.rand(4, 16, generator=torch.Generator().manual_seed(1)) < 0.5
+    batch = mlm.corrupt(batch, generator=torch.Generator().manual_seed(0))
     hidden = backbone(batch["input_ids"], attention_mask=batch["attention_mask"])
     seen = []
     mlm.head.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
     output = mlm(hidden, batch)
     selected = (batch["mlm_labels"] != IGNORE_INDEX).sum().item()
-    expected_rows = selected if num_masked is None else 4 * num_masked
-    assert seen == [(expected_rows, VOCAB_SIZE)]
+    assert seen == [(rows or selected, VOCAB_SIZE)]
     dense_logits = mlm.head(hidden)  # (B, T, V) everywhere: the reference
     dense = F.cross_entropy(dense_logits.flatten(0, 1), batch["mlm_labels"].flatten(), ignore_index=IGNORE_INDEX)
     assert torch.allclose(output.loss, dense, atol=1e-6)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 import pretrain
 from models import TransformerConfig
@@ -45,6 +46,9 @@ def test_every_recipe_parses_and_builds_its_model(recipe, tmp_path):
     expected = {"bert": ["mlm", "nsp"], "roberta": ["mlm"], "albert": ["mlm", "sop"], "electra": ["rtd"],
                 "gpt2": ["clm"], "quickstart": ["clm"]}[recipe.stem.split("-")[0]]
     assert names == expected
+    checkpointing = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert len(checkpointing) == 1 and Path(checkpointing[0].dirpath) == tmp_path / "runs" / "checkpoints"
+    assert cli.model.hparams.compile == (recipe.parent == CONFIGS and recipe.stem != "quickstart")
 
 
 @pytest.mark.parametrize("recipe", sorted((CONFIGS / "tiny").glob("*.yaml")), ids=lambda p: p.stem)
