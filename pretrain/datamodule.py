@@ -214,7 +214,9 @@ class PretrainingDataModule(pl.LightningDataModule):
         sampler = ResumableSampler(dataset, shuffle=True, seed=hp.seed)
         if resume:
             sampler.resume = (resume["epoch"], resume["batches"] * hp.batch_size)
-        return self._loader(dataset, sampler)
+        # Every training step the same shape (one compiled graph, no recompilation at an epoch's end): an epoch's
+        # last partial batch is dropped, unless the split is smaller than one batch.
+        return self._loader(dataset, sampler, drop_last=len(sampler) >= hp.batch_size)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         if "val" not in self.datasets:
@@ -223,14 +225,16 @@ class PretrainingDataModule(pl.LightningDataModule):
         sampler = None if isinstance(dataset, StreamingBlocks) else ResumableSampler(dataset, False, self.hparams.seed)
         return self._loader(dataset, sampler)
 
-    def _loader(self, dataset: torch.utils.data.Dataset, sampler: ResumableSampler | None
+    def _loader(self, dataset: torch.utils.data.Dataset, sampler: ResumableSampler | None, drop_last: bool = False
                 ) -> torch.utils.data.DataLoader:
         """Every loader has its own generator (the workers' base seed): loading never draws from the global RNG,
-        which dropout uses and checkpoints restore."""
+        which dropout uses and checkpoints restore. Batches are pinned where a GPU will take them (asynchronous
+        copies)."""
         workers = self.hparams.num_workers
         return torch.utils.data.DataLoader(
             dataset, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
-            generator=torch.Generator().manual_seed(self.hparams.seed),
+            generator=torch.Generator().manual_seed(self.hparams.seed), drop_last=drop_last,
+            pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,  # also: a streaming worker's copy drops its resume skip after one pass
         )
 

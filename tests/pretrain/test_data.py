@@ -299,6 +299,23 @@ def test_datamodule_batches_for_each_layout(tmp_path, tokenizer_path):
     assert len(pairs.val_dataloader()) > 0
 
 
+def test_training_batches_all_have_one_shape_and_validation_keeps_every_example(tmp_path, tokenizer_path):
+    """An epoch's last partial training batch is dropped (a compiled step sees one shape); validation is whole."""
+    corpus = write_documents(tmp_path / "corpus.txt", [f"Sentence one of {i}. Sentence two here. And a third one."
+                                                       for i in range(80)])
+    data = module(corpus, tokenizer_path, tmp_path, layout="pairs", validation_fraction=0.2, batch_size=5)
+    data.setup()
+    train, val = len(data.datasets["train"]), len(data.datasets["val"])
+    assert train % 5 and val % 5, (train, val)  # both splits end in a partial batch
+    shapes = {tuple(batch["input_ids"].shape) for batch in data.train_dataloader()}
+    assert shapes == {(5, 32)} and len(data.train_dataloader()) == train // 5
+    assert sum(len(batch["input_ids"]) for batch in data.val_dataloader()) == val
+    tiny = module(write_documents(tmp_path / "tiny.txt", ["One two.", "Three four."]), tokenizer_path, tmp_path,
+                  validation_fraction=0.0)
+    tiny.setup()
+    assert 0 < len(tiny.datasets["train"]) < 4 and len(list(tiny.train_dataloader())) == 1  # smaller than a batch
+
+
 def test_validation_split_is_a_stable_fraction(tmp_path, tokenizer_path):
     chosen = in_validation(np.arange(100_000), 0.05, seed=3)
     assert abs(chosen.mean() - 0.05) < 0.005
