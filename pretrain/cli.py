@@ -200,6 +200,7 @@ def lightning_cli(argv: list[str], run: bool = True):
     PretrainingDataModule. A run directory (`trainer.default_root_dir`) holds `checkpoints/` (last.ckpt, for
     `--ckpt_path last`) and `logs/version_N/` (CSV and TensorBoard logs and the resolved config.yaml, one version
     per fit or resume). With run=False (argv without the subcommand) the recipe is only parsed and its classes built."""
+    from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
     from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
@@ -244,6 +245,13 @@ def lightning_cli(argv: list[str], run: bool = True):
                 csv = CSVLogger(self.run_dir, name="logs")
                 kwargs["logger"] = [csv, TensorBoardLogger(self.run_dir, name="logs", version=csv.version,
                                                            default_hp_metric=False)]
+            callbacks = list(trainer.get("callbacks") or [])
+            if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar)
+                                                                           for c in callbacks):
+                # The bar reads the losses back from the device when it refreshes: at the logging steps only
+                # (which read them anyway), not every step, so the host does not wait for the GPU each step.
+                callbacks.append(TQDMProgressBar(refresh_rate=trainer.get("log_every_n_steps") or 50))
+                kwargs["callbacks"] = callbacks
             return super().instantiate_trainer(**kwargs)
 
     return PretrainCLI(PretrainingModule, PretrainingDataModule, args=None if argv == sys.argv[1:] else argv,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 
 import pretrain
 from models import TransformerConfig
@@ -49,6 +49,8 @@ def test_every_recipe_parses_and_builds_its_model(recipe, tmp_path):
     checkpointing = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
     assert len(checkpointing) == 1 and Path(checkpointing[0].dirpath) == tmp_path / "runs" / "checkpoints"
     assert cli.model.hparams.compile == (recipe.parent == CONFIGS and recipe.stem != "quickstart")
+    bar = cli.trainer.progress_bar_callback  # refreshed (a host sync) only at the logging steps
+    assert isinstance(bar, TQDMProgressBar) and bar.refresh_rate == cli.trainer.log_every_n_steps
 
 
 @pytest.mark.parametrize("recipe", sorted((CONFIGS / "tiny").glob("*.yaml")), ids=lambda p: p.stem)
