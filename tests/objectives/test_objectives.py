@@ -284,6 +284,11 @@ def test_rtd_low_temperature_samples_the_generators_argmax():
     selected = labels != IGNORE_INDEX
     argmax = rtd.generator_mlm.head(hidden[selected]).argmax(-1)
     assert torch.equal(corrupted["input_ids"][selected], argmax)
+    # argmax samples: the generator is right exactly where nothing was replaced (a row with padding has fewer
+    # selected tokens than the static count: the accuracy is over the selected ones only)
+    replaced = corrupted["rtd_labels"].sum() / selected.sum()
+    assert selected.sum(1).min() < selected.sum(1).max()
+    assert corrupted["rtd_generator_correct"].item() == pytest.approx(1 - replaced.item())
 
 
 def test_masking_ids_come_from_the_tokenizer_unless_given():
