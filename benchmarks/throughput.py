@@ -71,7 +71,7 @@ def config_for(row: Row, mode: str) -> TransformerConfig:
 
 def make_batch(row: Row, config: TransformerConfig, batch: int, length: int, device: torch.device) -> dict:
     ids = torch.randint(1000, config.vocab_size, (batch, length), device=device)
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out = {"input_ids": ids}  # packed full blocks: no padding, no mask (as `pretrain fit` batches them)
     if not config.causal:
         ids[:, 0] = CLS
     if "nsp" in row.objectives or "sop" in row.objectives:
@@ -80,6 +80,7 @@ def make_batch(row: Row, config: TransformerConfig, batch: int, length: int, dev
         types = torch.zeros_like(ids)
         types[:, length // 2 + 1:] = 1
         out["token_type_ids"] = types
+        out["attention_mask"] = torch.ones_like(ids)  # sentence pairs carry one
         out["next_sentence_label"] = torch.randint(0, 2, (batch,), device=device)
     return out
 
@@ -139,18 +140,18 @@ def hf_step(row: Row, config: TransformerConfig, batch: dict, device: torch.devi
                 loss = runs[0](**inputs).loss
             elif row.preset.startswith("electra"):
                 discriminator, generator_model = runs
-                generated = generator_model(masked_ids, attention_mask=batch["attention_mask"], labels=labels)
+                generated = generator_model(masked_ids, attention_mask=batch.get("attention_mask"), labels=labels)
                 with torch.no_grad():
                     selected = labels != -100
                     probabilities = generated.logits[selected].float().softmax(-1)
                     corrupted = batch["input_ids"].clone()
                     corrupted[selected] = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
                 replaced = (corrupted != batch["input_ids"]).long()
-                judged = discriminator(corrupted, attention_mask=batch["attention_mask"], labels=replaced)
+                judged = discriminator(corrupted, attention_mask=batch.get("attention_mask"), labels=replaced)
                 loss = generated.loss + 50.0 * judged.loss
             else:
                 order = "sentence_order_label" if row.preset.startswith("albert") else "next_sentence_label"
-                loss = runs[0](masked_ids, attention_mask=batch["attention_mask"],
+                loss = runs[0](masked_ids, attention_mask=batch.get("attention_mask"),
                                token_type_ids=batch["token_type_ids"], labels=labels,
                                **{order: batch["next_sentence_label"]}).loss
         loss.backward()

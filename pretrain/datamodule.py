@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -65,13 +66,18 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return iter(indices)
 
 
-def collate(examples: list[dict[str, np.ndarray]]) -> Batch:
-    """Stack examples into a batch: input_ids, attention_mask (from each example's length) and, where present,
-    document_ids, word_starts, token_type_ids, next_sentence_label."""
+def collate(examples: list[dict[str, np.ndarray]], separate_documents: bool = True) -> Batch:
+    """Stack examples into a batch: input_ids and, where present, document_ids (unless not `separate_documents`),
+    word_starts, token_type_ids, next_sentence_label. attention_mask (from each example's length) comes with
+    sentence pairs, and with packed blocks only where one is short (the corpus's last): without it (and without
+    document_ids) attention runs on SDPA's fastest (flash) kernels."""
     stacked = {name: torch.from_numpy(np.stack([e[name] for e in examples])) for name in examples[0]}
     lengths, input_ids = stacked.pop("lengths"), stacked.pop("input_ids")
-    batch = {"input_ids": input_ids.long(),
-             "attention_mask": (torch.arange(input_ids.shape[1])[None] < lengths[:, None]).long()}
+    if not separate_documents:
+        stacked.pop("document_ids", None)
+    batch = {"input_ids": input_ids.long()}
+    if "token_type_ids" in stacked or bool((lengths < input_ids.shape[1]).any()):
+        batch["attention_mask"] = (torch.arange(input_ids.shape[1])[None] < lengths[:, None]).long()
     if "labels" in stacked:
         batch["next_sentence_label"] = stacked.pop("labels").long()
     batch.update({name: values.long() for name, values in stacked.items()})
@@ -90,6 +96,9 @@ class PretrainingDataModule(pl.LightningDataModule):
             consecutive (the SOP objective swaps them).
         cls_first: with "stream": every block starts with [CLS] (BERT, RoBERTa, ELECTRA); False for GPT.
         word_starts: also give word-start flags (for whole-word masking).
+        separate_documents: with "stream": packed documents attend only within themselves (a block-diagonal mask;
+            CLM does not predict across a boundary). False: the separator is the only boundary, as in GPT-2 and
+            RoBERTa, and attention runs on flash kernels (faster on GPUs).
         validation_files / validation_fraction: the validation split: separate files, or a fraction of documents.
         streaming: read, tokenize and pack on the fly (corpora larger than memory; "stream" layout only).
         train_tokenizer: when `tokenizer` does not exist yet, train one of this kind (wordpiece, bpe, unigram) with
@@ -106,6 +115,7 @@ class PretrainingDataModule(pl.LightningDataModule):
         pair_task: Literal["nsp", "sop"] = "nsp",
         cls_first: bool = True,
         word_starts: bool = False,
+        separate_documents: bool = True,
         short_seq_prob: float = 0.1,
         validation_files: list[str] | None = None,
         validation_fraction: float = 0.01,
@@ -232,7 +242,8 @@ class PretrainingDataModule(pl.LightningDataModule):
         copies)."""
         workers = self.hparams.num_workers
         return torch.utils.data.DataLoader(
-            dataset, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
+            dataset, batch_size=self.hparams.batch_size, sampler=sampler, num_workers=workers,
+            collate_fn=functools.partial(collate, separate_documents=self.hparams.separate_documents),
             generator=torch.Generator().manual_seed(self.hparams.seed), drop_last=drop_last,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,  # also: a streaming worker's copy drops its resume skip after one pass

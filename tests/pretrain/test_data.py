@@ -291,7 +291,7 @@ def test_datamodule_batches_for_each_layout(tmp_path, tokenizer_path):
     stream = module(corpus, tokenizer_path, tmp_path)
     stream.setup()
     batch = next(iter(stream.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "document_ids"} and batch["input_ids"].shape == (4, 32)
+    assert set(batch) == {"input_ids", "document_ids"} and batch["input_ids"].shape == (4, 32)  # full blocks
     pairs = module(corpus, tokenizer_path, tmp_path, layout="pairs")
     pairs.setup()
     batch = next(iter(pairs.train_dataloader()))
@@ -314,6 +314,25 @@ def test_training_batches_all_have_one_shape_and_validation_keeps_every_example(
                   validation_fraction=0.0)
     tiny.setup()
     assert 0 < len(tiny.datasets["train"]) < 4 and len(list(tiny.train_dataloader())) == 1  # smaller than a batch
+
+
+def test_attention_mask_only_where_padding_and_documents_only_when_separated():
+    full = {"input_ids": np.arange(8, dtype=np.int32), "document_ids": np.array([0] * 5 + [1] * 3, dtype=np.int32),
+            "lengths": np.int32(8)}
+    short = full | {"input_ids": np.array([5, 6, 7, 0, 0, 0, 0, 0], dtype=np.int32), "lengths": np.int32(3)}
+    assert set(collate([full, full])) == {"input_ids", "document_ids"}  # SDPA's flash path: no mask to build
+    assert collate([full, short])["attention_mask"].tolist() == [[1] * 8, [1] * 3 + [0] * 5]
+    assert set(collate([full, full], separate_documents=False)) == {"input_ids"}
+    pair = full | {"token_type_ids": np.zeros(8, dtype=np.int8), "labels": np.int64(1)}
+    assert "attention_mask" in collate([pair, pair])  # sentence pairs always carry it (SOP swaps with it)
+
+
+def test_separate_documents_false_feeds_blocks_without_document_ids(tmp_path, tokenizer_path):
+    corpus = write_documents(tmp_path / "corpus.txt", [f"Document {i} says a few words." for i in range(60)])
+    data = module(corpus, tokenizer_path, tmp_path, separate_documents=False, cls_first=False)
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    assert set(batch) == {"input_ids"} and batch["input_ids"].shape == (4, 32)
 
 
 def test_validation_split_is_a_stable_fraction(tmp_path, tokenizer_path):
