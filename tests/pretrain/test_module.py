@@ -145,6 +145,7 @@ def test_compiled_training_matches_eager(recipe):
     runs = []
     for compile in (False, True):
         torch.manual_seed(0)
+        torch._dynamo.utils.counters.clear()
         module = PretrainingModule(tiny_config(**overrides, dropout=0.0, attention_dropout=0.0), objectives(),
                                    learning_rate=1e-3, compile=compile)
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
@@ -156,6 +157,8 @@ def test_compiled_training_matches_eager(recipe):
             optimizer.zero_grad()
             losses.append(loss.item())
         runs.append((losses, module.state_dict()))
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert graphs == (1 + len(module.objectives) if compile else 0)  # backbone, each objective: compiled
     (eager_losses, eager_state), (compiled_losses, compiled_state) = runs
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
     assert eager_state.keys() == compiled_state.keys()
