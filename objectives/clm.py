@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models import LMHead, Transformer
+from models import Transformer, make_head
 from objectives.base import Batch, Objective, ObjectiveOutput, TokenIds, label_cross_entropy
 from objectives.masking import IGNORE_INDEX
 
@@ -28,7 +28,7 @@ class CausalLM(Objective):
     language_model = True
 
     def bind(self, backbone: Transformer, tokens: TokenIds | None = None) -> None:
-        self.head = LMHead(backbone.config, backbone.embeddings.word, transform=False, bias=False)
+        self.head = make_head(self.name, backbone.config, backbone)
 
     def forward(self, hidden_states: torch.Tensor, batch: Batch) -> ObjectiveOutput:
         labels = next_token_labels(batch).flatten()  # (B * (T-1),)

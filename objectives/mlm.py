@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from models import LMHead, Transformer
+from models import Transformer, make_head
 from objectives.base import (
     Batch,
     Objective,
@@ -15,7 +15,14 @@ from objectives.base import (
     label_cross_entropy,
     resolve_masking_ids,
 )
-from objectives.masking import IGNORE_INDEX, gather_selected, mask_tokens, max_selected
+from objectives.masking import (
+    IGNORE_INDEX,
+    gather_at,
+    gather_selected,
+    mask_tokens,
+    max_selected,
+    selected_positions,
+)
 
 
 class MaskedLM(Objective):
@@ -52,7 +59,7 @@ class MaskedLM(Objective):
         self.mask_token_id, self.special_ids = resolve_masking_ids(
             "MaskedLM", self.mask_token_id, self.special_ids, tokens)
         self.vocab_size = backbone.config.vocab_size
-        self.head = LMHead(backbone.config, backbone.embeddings.word)
+        self.head = make_head(self.name, backbone.config, backbone)
 
     def corrupt(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         if self.whole_word and "word_starts" not in batch:
@@ -69,13 +76,20 @@ class MaskedLM(Objective):
         """The static number of predictions per row of `length` tokens (None with whole-word masking)."""
         return None if self.whole_word else max_selected(length, self.mask_prob, self.num_masked)
 
-    def predict(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (N, V) and labels (N,) at the selected positions: the output layer sees those alone (with the
-        static count, N = B x `selected_per_row(T)`, labels -100 on the unused places)."""
-        hidden, labels = gather_selected(hidden_states, labels, self.selected_per_row(labels.shape[1]))
-        return self.head(hidden), labels
+    def predict(self, hidden_states: torch.Tensor, labels: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Logits (N, V) and labels (N,) at the selected positions: the output layer sees those alone. With the
+        static count, N = B x k (k = `selected_per_row(T)`, labels -100 on the unused places), and the (B, k)
+        positions they come from are returned too; None with whole-word masking (boolean gather)."""
+        per_row = self.selected_per_row(labels.shape[1])
+        if per_row is None:
+            hidden, labels = gather_selected(hidden_states, labels)
+            return self.head(hidden), labels, None
+        positions = selected_positions(labels, per_row)
+        hidden, labels = gather_at(hidden_states, labels, positions)
+        return self.head(hidden), labels, positions
 
     def forward(self, hidden_states: torch.Tensor, batch: Batch) -> ObjectiveOutput:
-        logits, labels = self.predict(hidden_states, batch["mlm_labels"])
+        logits, labels, _ = self.predict(hidden_states, batch["mlm_labels"])
         loss, correct = label_cross_entropy(logits, labels, overwrite_logits=True)  # nothing else reads them
         return ObjectiveOutput(loss, correct, counted=(labels != IGNORE_INDEX).float())

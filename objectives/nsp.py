@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models import ClassificationHead, Transformer
+from models import Transformer, make_head
 from objectives.base import Batch, Objective, ObjectiveOutput, TokenIds, accuracy_of
 
 IS_NEXT, NOT_NEXT = 0, 1  # the Hugging Face convention for next_sentence_label
@@ -19,7 +19,7 @@ class NextSentencePrediction(Objective):
     pair_task = True
 
     def bind(self, backbone: Transformer, tokens: TokenIds | None = None) -> None:
-        self.head = ClassificationHead(backbone.config, num_labels=2)
+        self.head = make_head(self.name, backbone.config, backbone)
 
     def forward(self, hidden_states: torch.Tensor, batch: Batch) -> ObjectiveOutput:
         logits = self.head(hidden_states)  # (B, 2)

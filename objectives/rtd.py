@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import TokenScorer, Transformer, TransformerConfig
+from models import Transformer, TransformerConfig, make_head
 from objectives.base import (
     Batch,
     Objective,
@@ -19,7 +19,7 @@ from objectives.base import (
     label_cross_entropy,
     resolve_masking_ids,
 )
-from objectives.masking import IGNORE_INDEX, gather_at, selected_positions
+from objectives.masking import IGNORE_INDEX
 from objectives.mlm import MaskedLM
 
 
@@ -73,16 +73,15 @@ class ReplacedTokenDetection(Objective):
             if isinstance(module, nn.Embedding):  # the same modules, hence the same tensors
                 setattr(self.generator.embeddings, name, module)
         self.generator_mlm.bind(self.generator, TokenIds(mask, special))  # its head: the shared word embeddings
-        self.head = TokenScorer(backbone.config)  # the discriminator's
+        self.head = make_head(self.name, backbone.config, backbone)  # the discriminator's
 
     def corrupt(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         original = batch["input_ids"]
         masked = self.generator_mlm.corrupt(batch, generator)
         hidden = self.generator(masked["input_ids"], **backbone_inputs(batch))
         # The generator's predictions at a static number of places per row (BERT's count rule): no host sync.
-        positions = selected_positions(masked["mlm_labels"], self.generator_mlm.selected_per_row(original.shape[1]))
-        hidden, labels = gather_at(hidden, masked["mlm_labels"], positions)  # (N, H), (N,); N = B * k
-        logits = self.generator_mlm.head(hidden).float()
+        logits, labels, positions = self.generator_mlm.predict(hidden, masked["mlm_labels"])  # (B * k, V), (B * k,)
+        logits = logits.float()
         generator_loss, generator_correct = label_cross_entropy(logits, labels)  # logits are read again below
         with torch.no_grad():  # sampling is not differentiable: the discriminator's loss never reaches the generator
             probabilities = torch.softmax(logits / self.temperature, dim=-1)

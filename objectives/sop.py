@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models import ClassificationHead, Transformer
+from models import Transformer, make_head
 from objectives.base import Batch, Objective, ObjectiveOutput, TokenIds, accuracy_of
 
 IN_ORDER, SWAPPED = 0, 1  # the Hugging Face convention for sentence_order_label
@@ -45,7 +45,7 @@ class SentenceOrderPrediction(Objective):
         self.swap_prob = swap_prob
 
     def bind(self, backbone: Transformer, tokens: TokenIds | None = None) -> None:
-        self.head = ClassificationHead(backbone.config, num_labels=2)
+        self.head = make_head(self.name, backbone.config, backbone)
 
     def corrupt(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         ids = batch["input_ids"]

@@ -135,7 +135,7 @@ def glue_command(args: argparse.Namespace) -> None:
     found = [t for t in wanted if (args.data_dir / t.directory / t.train_file).is_file()
              and (args.data_dir / t.directory / t.dev_file).is_file()]
     if not found:
-        raise UserError(f"no GLUE task with both {'train'} and dev files under {args.data_dir} (expected e.g. "
+        raise UserError(f"no GLUE task with both train and dev files under {args.data_dir} (expected e.g. "
                         f"{args.data_dir / 'SST-2' / 'train.tsv'})")
     seeds, settings = finetune_settings(args)
     summaries = []

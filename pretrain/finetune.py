@@ -14,8 +14,7 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 from torch import Tensor, nn
 
-from models import ModelWithHeads, Transformer
-from models.heads import ClassificationHead
+from models import ModelWithHeads, Transformer, make_head
 from pretrain.errors import UserError
 from pretrain.optim import build_optimizer, schedule_factor
 from pretrain.pretrained import Pretrained, load, pad_pairs, task_output
@@ -58,7 +57,7 @@ class FineTuningModule(pl.LightningModule):
     """Backbone + task head; cross-entropy (classification) or MSE (regression); keeps the weights of the best
     dev epoch (by the mean of the task's metrics)."""
 
-    def __init__(self, backbone: Transformer, head: ClassificationHead, task: Task, num_labels: int,
+    def __init__(self, backbone: Transformer, head: nn.Module, task: Task, num_labels: int,
                  settings: Settings):
         super().__init__()
         self.backbone, self.head, self.task, self.num_labels, self.settings = backbone, head, task, num_labels, settings
@@ -109,30 +108,22 @@ def label_set(task: Task, train_labels: list[str]) -> tuple[str, ...]:
     return task.labels or tuple(sorted(set(train_labels)))
 
 
-def finetune_once(model_path: str | Path, task: Task, train_path: Path, dev_path: Path, seed: int,
-                  settings: Settings, out: Path) -> dict:
-    """One seed: train, evaluate each epoch, save the best epoch's model to `out` (loadable by `pretrain.load`,
-    with `.predict`). Returns the best epoch's metrics."""
+def finetune_once(model_path: str | Path, task: Task, labels: tuple[str, ...], train_data: TaskExamples,
+                  dev_data: TaskExamples, seed: int, settings: Settings, out: Path) -> dict:
+    """One seed, from the model's weights as saved (read anew: the seed's random draws are those of a fresh
+    start): train, evaluate each epoch, save the best epoch's model to `out` (loadable by `pretrain.load`, with
+    `.predict`). Returns the best epoch's metrics."""
     pl.seed_everything(seed, verbose=False)
     pretrained = load(model_path)
     config = pretrained.config
-    if config.causal:
-        raise UserError("fine-tuning needs an encoder (a bidirectional model such as BERT, ALBERT or ELECTRA); "
-                        f"{model_path} is a causal LM")
-    train, dev = read_examples(task, train_path), read_examples(task, dev_path)
-    labels = label_set(task, train.labels)
     num_labels = 1 if task.regression else len(labels)
     backbone = pretrained.model.backbone
     if settings.from_scratch:
         backbone = Transformer(config)  # same architecture and tokenizer, random weights
-    head = ClassificationHead(config, num_labels=num_labels)
+    head = make_head("task", config, backbone, num_labels=num_labels)
     source = next((pretrained.model.heads[n] for n in ("nsp", "sop") if n in pretrained.model.heads), None)
     if source is not None and not settings.from_scratch:
         head.pooler.load_state_dict(source.pooler.state_dict())  # BERT starts from its NSP pooler
-    train_data = TaskExamples(pretrained, train.texts, train.pairs, label_ids(task, train.labels, labels, train_path),
-                         settings.max_length)
-    dev_data = TaskExamples(pretrained, dev.texts, dev.pairs, label_ids(task, dev.labels, labels, dev_path),
-                       settings.max_length)
     loaders = [torch.utils.data.DataLoader(data, batch_size=settings.batch_size, shuffle=shuffle,
                                            collate_fn=collate(pretrained.pad_id),
                                            generator=torch.Generator().manual_seed(seed))
@@ -162,9 +153,19 @@ def finetune(model_path: str | Path, task: Task, train_path: Path, dev_path: Pat
     """Every seed in turn; writes out/seed-N/ (model and logs) and out/results.json; returns the results."""
     for name in ("pytorch_lightning", "lightning_fabric"):  # one line per seed is enough
         logging.getLogger(name).setLevel(logging.WARNING)
+    pretrained = load(model_path)  # the data are read and tokenized once for all seeds
+    if pretrained.config.causal:
+        raise UserError("fine-tuning needs an encoder (a bidirectional model such as BERT, ALBERT or ELECTRA); "
+                        f"{model_path} is a causal LM")
+    train, dev = read_examples(task, train_path), read_examples(task, dev_path)
+    labels = label_set(task, train.labels)
+    train_data, dev_data = (
+        TaskExamples(pretrained, split.texts, split.pairs, label_ids(task, split.labels, labels, path),
+                     settings.max_length) for split, path in ((train, train_path), (dev, dev_path)))
     runs = []
     for seed in seeds:
-        runs.append(finetune_once(model_path, task, train_path, dev_path, seed, settings, out / f"seed-{seed}"))
+        runs.append(finetune_once(model_path, task, labels, train_data, dev_data, seed, settings,
+                                  out / f"seed-{seed}"))
         best = runs[-1]
         print(f"{task.name} seed {seed}: best epoch {best['best_epoch']}: " +
               ", ".join(f"{m} {best[m]:.2f}" for m in task.metrics), flush=True)

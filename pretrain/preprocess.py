@@ -110,17 +110,9 @@ def tokenized_batches(tokenized: datasets.Dataset, batch_size: int = 10_000) -> 
     table = tokenized.data.table
     for start in range(0, len(tokenized), batch_size):
         chunk = table.slice(start, batch_size)
-        yield {name: _flat(chunk.column(name)) for name in chunk.column_names} | \
-            {"lengths": np.diff(_offsets(chunk.column("input_ids")))}
-
-
-def _flat(column) -> np.ndarray:
-    return column.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int32)
-
-
-def _offsets(column) -> np.ndarray:
-    array = column.combine_chunks()
-    return array.offsets.to_numpy() - array.offsets[0].as_py()
+        lists = {name: chunk.column(name).combine_chunks() for name in chunk.column_names}
+        yield {name: values.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
+               for name, values in lists.items()} | {"lengths": np.diff(lists["input_ids"].offsets.to_numpy())}
 
 
 # --- the stream layout ----------------------------------------------------------------------------------------

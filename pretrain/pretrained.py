@@ -200,8 +200,8 @@ def from_checkpoint(path: Path) -> Pretrained:
     return Pretrained(model, Tokenizer.from_str(saved["tokenizer"]))
 
 
-def from_export(directory: Path) -> Pretrained:
-    config = json.loads((directory / CONFIG_FILE).read_text())
+def from_export(directory: Path, config: dict) -> Pretrained:
+    """`config`: the directory's config.json, as read by `load`."""
     if not (directory / TOKENIZER_FILE).is_file():
         raise UserError(f"{directory} has no {TOKENIZER_FILE}: copy the tokenizer the model was trained with there")
     if not (directory / WEIGHTS_FILE).is_file():
@@ -250,7 +250,7 @@ def load(path: str | Path) -> Pretrained:
         raise UserError(f"{path} has no {CONFIG_FILE}: give a directory written by `pretrain export` or a Hugging "
                         "Face model directory")
     config = json.loads((path / CONFIG_FILE).read_text())
-    return from_export(path) if config.get("format") == "pretrain" else from_hf_directory(path)
+    return from_export(path, config) if config.get("format") == "pretrain" else from_hf_directory(path)
 
 
 def export(checkpoint: str | Path, out: str | Path, format: str = "native") -> Path:

@@ -40,10 +40,15 @@ class Throughput(Callback):
         self.window = window
         self._start: float | None = None
         self._tokens = self._steps = 0
+        self._peak_seconds_per_token: float | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self._start is None:  # the window starts after the first step (warm-up, compilation)
             self._start = time.perf_counter()
+            peak = gpu_peak(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+            # seconds one token takes at the GPU's peak (training batches have one length): MFU = tokens/s x this
+            self._peak_seconds_per_token = None if peak is None else \
+                model_flops_per_token(pl_module, batch["input_ids"].shape[1]) / peak
             return
         self._tokens += batch["input_ids"].numel()
         self._steps += 1
@@ -51,10 +56,8 @@ class Throughput(Callback):
             return
         rate = self._tokens * trainer.world_size / (time.perf_counter() - self._start)
         metrics = {"train/tokens_per_sec": rate}
-        peak = gpu_peak(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
-        if peak is not None:
-            flops = model_flops_per_token(pl_module, batch["input_ids"].shape[1])
-            metrics["train/mfu"] = rate * flops / (peak * trainer.world_size)
+        if self._peak_seconds_per_token is not None:
+            metrics["train/mfu"] = rate * self._peak_seconds_per_token / trainer.world_size
         for logger in trainer.loggers:  # straight to the loggers: a plain number, once per window
             logger.log_metrics(metrics, step=trainer.global_step - 1)
         self._start, self._tokens, self._steps = time.perf_counter(), 0, 0
