@@ -32,10 +32,12 @@ def backbone_inputs(batch: Batch) -> dict[str, Tensor]:
 
 @dataclass(frozen=True)
 class TokenIds:
-    """The tokenizer's ids that corrupting objectives need: [MASK] and every special token (padding included)."""
+    """The tokenizer's ids that corrupting objectives need: [MASK], every special token (padding included), and
+    the size of its vocabulary (random replacements draw from it; the model's may be larger, e.g. rounded up)."""
 
     mask: int | None
     special: list[int]
+    vocab_size: int | None = None
 
 
 def resolve_masking_ids(name: str, mask_token_id: int | None, special_ids: Sequence[int] | None,
@@ -81,9 +83,15 @@ class Objective(nn.Module):
         """The batch this objective wants the backbone to see. The default leaves it unchanged."""
         return batch
 
+    def data_requirements(self) -> dict[str, object]:
+        """The data settings this objective needs, by the name of the data module's argument (e.g. NSP:
+        {"layout": "pairs", "pair_task": "nsp"}); checked against the data module before the first step."""
+        return {}
 
-def check_combination(objectives: list[Objective], config: TransformerConfig, layout: Layout | None = None) -> None:
-    """Raise ValueError, naming both pieces, if these objectives cannot train together on this backbone and data."""
+
+def check_combination(objectives: list[Objective], config: TransformerConfig) -> None:
+    """Raise ValueError, naming both pieces, if these objectives cannot train together on this backbone (the data
+    are checked against `Objective.data_requirements` once they exist)."""
     if not objectives:
         raise ValueError("no objective given: add at least one (e.g. objectives.MaskedLM)")
     names = [o.name for o in objectives]
@@ -107,10 +115,18 @@ def check_combination(objectives: list[Objective], config: TransformerConfig, la
                 f"{objective.name} needs a {objective.attention} backbone but the model has causal={config.causal}; "
                 f"set causal={objective.attention == 'causal'} in the model config"
             )
+
+
+def data_mismatches(objectives: list[Objective], data: dict[str, object]) -> list[str]:
+    """What the objectives need from the data that `data` (the data module's settings by name) does not give, one
+    line each, naming the setting and the fix."""
+    problems = []
     for objective in objectives:
-        if objective.pair_task and layout is not None and layout != "pairs":
-            raise ValueError(f"{objective.name} needs sentence-pair data but the data layout is {layout!r}; "
-                             "set the data layout to 'pairs' or drop the objective")
+        for key, wanted in objective.data_requirements().items():
+            if data.get(key) != wanted:
+                problems.append(f"{objective.name} needs data.{key} {wanted!r} but the data module has "
+                                f"{data.get(key)!r}: set --data.{key} {wanted}, or drop the {objective.name} objective")
+    return problems
 
 
 def token_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:

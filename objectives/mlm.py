@@ -58,8 +58,12 @@ class MaskedLM(Objective):
     def bind(self, backbone: Transformer, tokens: TokenIds | None = None) -> None:
         self.mask_token_id, self.special_ids = resolve_masking_ids(
             "MaskedLM", self.mask_token_id, self.special_ids, tokens)
-        self.vocab_size = backbone.config.vocab_size
+        # random replacements: ids the tokenizer makes (the model's vocabulary may be larger, e.g. rounded up)
+        self.vocab_size = tokens.vocab_size if tokens is not None and tokens.vocab_size else backbone.config.vocab_size
         self.head = make_head(self.name, backbone.config, backbone)
+
+    def data_requirements(self) -> dict[str, object]:
+        return {"word_starts": True} if self.whole_word else {}
 
     def corrupt(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         if self.whole_word and "word_starts" not in batch:

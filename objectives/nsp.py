@@ -21,6 +21,9 @@ class NextSentencePrediction(Objective):
     def bind(self, backbone: Transformer, tokens: TokenIds | None = None) -> None:
         self.head = make_head(self.name, backbone.config, backbone)
 
+    def data_requirements(self) -> dict[str, object]:
+        return {"layout": "pairs", "pair_task": "nsp"}  # pairs with negatives from other documents
+
     def forward(self, hidden_states: torch.Tensor, batch: Batch) -> ObjectiveOutput:
         logits = self.head(hidden_states)  # (B, 2)
         labels = batch["next_sentence_label"]

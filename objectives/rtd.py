@@ -72,7 +72,8 @@ class ReplacedTokenDetection(Objective):
         for name, module in backbone.embeddings.named_children():  # token, position and segment embeddings:
             if isinstance(module, nn.Embedding):  # the same modules, hence the same tensors
                 setattr(self.generator.embeddings, name, module)
-        self.generator_mlm.bind(self.generator, TokenIds(mask, special))  # its head: the shared word embeddings
+        # its head: the shared word embeddings
+        self.generator_mlm.bind(self.generator, TokenIds(mask, special, tokens.vocab_size if tokens else None))
         self.head = make_head(self.name, backbone.config, backbone)  # the discriminator's
 
     def corrupt(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:

@@ -47,6 +47,9 @@ class SentenceOrderPrediction(Objective):
     def bind(self, backbone: Transformer, tokens: TokenIds | None = None) -> None:
         self.head = make_head(self.name, backbone.config, backbone)
 
+    def data_requirements(self) -> dict[str, object]:
+        return {"layout": "pairs", "pair_task": "sop"}  # consecutive segments, swapped here
+
     def corrupt(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         ids = batch["input_ids"]
         swap = torch.rand(ids.shape[0], generator=generator, device=ids.device) < self.swap_prob

@@ -204,9 +204,10 @@ def lightning_cli(argv: list[str], run: bool = True):
     from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-    from pretrain.checkpoints import Checkpoints, RunSummary
+    from pretrain.checkpoints import Checkpoints, RunSummary, SafeCheckpointIO
     from pretrain.datamodule import PretrainingDataModule
     from pretrain.module import PretrainingModule
+    from pretrain.resume import check_recipe, resolve, saved_recipe
     from pretrain.speed import Throughput
 
     class SaveConfig(SaveConfigCallback):
@@ -223,21 +224,34 @@ def lightning_cli(argv: list[str], run: bool = True):
             parser.add_lightning_class_args(Checkpoints, "checkpoint")
             parser.add_lightning_class_args(RunSummary, "summary")
             parser.add_lightning_class_args(Throughput, "throughput")
-            parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
-                                 "checkpoint.every_n_train_steps": 1000})
 
-        def _parse_ckpt_path(self) -> None:  # LightningCLI reads the checkpoint's hyper-parameters here, first
-            if self.config.get("subcommand") == "fit":
-                check_checkpoint_path(self.config.fit.get("ckpt_path"), None)
-            super()._parse_ckpt_path()
+        def _parse_ckpt_path(self) -> None:
+            """Instead of Lightning's (which replaces the model's settings with the checkpoint's, silently dropping
+            overrides): resolve `last` to this run's last.ckpt, verify the file, and compare this run's recipe with
+            the checkpoint's (architecture changes refused, the rest said), before anything is built."""
+            subcommand = self.config.get("subcommand")
+            if subcommand not in LIGHTNING_COMMANDS:
+                return
+            config = self.config[subcommand]
+            if config.get("weights_only") is False:
+                raise UserError("--weights_only false would let a checkpoint run code as it is loaded; pretrain loads "
+                                "checkpoints with weights_only=True only: drop the option")
+            run_dir = Path(config.trainer.default_root_dir or ".")
+            config.checkpoint.dirpath = str(config.checkpoint.dirpath or run_dir / "checkpoints")
+            if subcommand == "fit" or config.ckpt_path is not None:
+                path = resolve(config.ckpt_path, Path(config.checkpoint.dirpath))
+                config.ckpt_path = str(path) if path else None
+                if path is not None and subcommand == "fit":
+                    check_recipe(saved_recipe(path), config.as_dict(), path)
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
             self.run_dir = Path(config.trainer.default_root_dir or ".")
-            if config.checkpoint.dirpath is None:
-                config.checkpoint.dirpath = str(self.run_dir / "checkpoints")
-            if self.subcommand == "fit":
-                check_checkpoint_path(config.ckpt_path, Path(config.checkpoint.dirpath))
+            config.checkpoint.dirpath = str(config.checkpoint.dirpath or self.run_dir / "checkpoints")
+
+        def after_instantiate_classes(self) -> None:
+            super().after_instantiate_classes()
+            self.model.check_data(self.datamodule)  # before the cache is built and before the first step
 
         def instantiate_trainer(self, **kwargs):
             trainer = self._get(self.config_init, "trainer", default={})
@@ -252,27 +266,15 @@ def lightning_cli(argv: list[str], run: bool = True):
                 # (which read them anyway), not every step, so the host does not wait for the GPU each step.
                 callbacks.append(TQDMProgressBar(refresh_rate=trainer.get("log_every_n_steps") or 50))
                 kwargs["callbacks"] = callbacks
+            # checkpoints are written by `checkpoint:` (Checkpoints) alone, through SafeCheckpointIO
+            plugins = trainer.get("plugins") or []
+            kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), SafeCheckpointIO()]
+            kwargs["enable_checkpointing"] = False
             return super().instantiate_trainer(**kwargs)
 
     return PretrainCLI(PretrainingModule, PretrainingDataModule, args=None if argv == sys.argv[1:] else argv,
                        save_config_callback=SaveConfig, save_config_kwargs={"overwrite": False},
                        seed_everything_default=0, run=run)
-
-
-def check_checkpoint_path(ckpt_path: str | None, checkpoints: Path | None) -> None:
-    """Refuse, before anything is built, to resume from a missing or damaged file, or to start a new run over an
-    earlier run's checkpoints (in `checkpoints`, where known)."""
-    from pretrain.checkpoints import check_checkpoint_file
-
-    if ckpt_path is None:
-        if checkpoints is not None and checkpoints.is_dir() and any(checkpoints.glob("*.ckpt")):
-            raise UserError(f"{checkpoints} already holds checkpoints of an earlier run: resume it with --ckpt_path "
-                            "last, or start a new run elsewhere with --trainer.default_root_dir")
-    elif ckpt_path == "last":
-        if checkpoints is not None and (checkpoints / "last.ckpt").exists():
-            check_checkpoint_file(checkpoints / "last.ckpt")
-    elif ckpt_path not in ("best", "hpc", "registry"):
-        check_checkpoint_file(Path(ckpt_path))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import warnings
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import FSDPStrategy
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
@@ -13,14 +16,29 @@ from torchmetrics.aggregation import MeanMetric
 from models import Transformer, TransformerConfig
 from objectives import Batch, Objective, ObjectiveOutput, TokenIds, check_combination
 from objectives.base import backbone_inputs
-from pretrain.optim import OptimizerName, ScheduleName, build_optimizer, schedule_factor
+from pretrain.errors import UserError
+from pretrain.optim import OptimizerName, ScheduleName, build_optimizer, schedule_factor, skip_if_not_finite
 from pretrain.tokenizer import check_vocabulary, load_tokenizer, special_ids
+
+# Settings a resumed run may change (applied to the restored optimizer and schedule, and said); the architecture,
+# the objectives, the optimizer's kind and the tokenizer may not.
+OPTIMIZER_SETTINGS = ("learning_rate", "weight_decay", "betas", "eps", "schedule", "warmup_steps", "total_steps")
+
+
+class TrainingDiverged(UserError):
+    """Too many consecutive steps had non-finite gradients: the run stops, its last good checkpoint intact."""
 
 
 def token_ids(tokenizer: Tokenizer, vocab_size: int) -> TokenIds:
     check_vocabulary(tokenizer, vocab_size)
+    size = tokenizer.get_vocab_size()
+    if size < vocab_size:
+        warnings.warn(f"the model's vocab_size ({vocab_size}) is larger than the tokenizer's vocabulary ({size}): "
+                      f"{vocab_size - size} embedding rows are never used and random replacements draw from the "
+                      f"tokenizer's {size} ids; set model.backbone.vocab_size {size} unless the rounding is deliberate",
+                      stacklevel=2)
     special = special_ids(tokenizer)
-    return TokenIds(mask=special.mask, special=special.all())
+    return TokenIds(mask=special.mask, special=special.all(), vocab_size=size)
 
 
 class PretrainingModule(pl.LightningModule):
@@ -39,13 +57,19 @@ class PretrainingModule(pl.LightningModule):
         total_steps: the length of the decay; by default the trainer's estimated number of steps.
         tokenizer: its [MASK] and special-token ids go to the objectives that corrupt tokens (unless they were given
             their own), and its vocabulary is checked against the backbone's; checkpoints carry a copy of it.
-        seed: the corruption (masks, random tokens, sampled replacements) of training step s on rank r is drawn
-            from a generator seeded with (seed, r, s), and validation batch i's from (seed, r, i): a resumed run
-            draws exactly what an uninterrupted one would, and every validation sees the same masks.
+        seed: the corruption (masks, random tokens, sampled replacements) of micro-batch m of training step s on rank
+            r is drawn from a generator seeded with (seed, r, s, m), and validation batch i's from (seed, r, i): a
+            resumed run draws exactly what an uninterrupted one would, every micro-batch of an accumulated step draws
+            its own, and every validation sees the same masks.
         compile: `torch.compile` the backbone, each objective's head and loss, and any network that serves the
             corruption (ELECTRA's generator): each a single graph (static shapes, no host sync, no graph break). The
             corruption's random draws run eagerly (they use a seeded generator, which graphs do not take). Best on
             GPUs; the first training steps and the first validation pay the compilation.
+        max_skipped_steps: a step whose gradient norm is not finite (a NaN or infinite loss) is skipped on the device
+            (weights and optimizer state unchanged; no host sync) and counted; the run stops, with its last good
+            checkpoint intact, once this many steps in a row were skipped (read at the logging steps and at the end).
+            The trainer's
+            `gradient_clip_val` clips the gradient norm in the same pass; `train/grad_norm` is logged.
     """
 
     def __init__(
@@ -63,8 +87,11 @@ class PretrainingModule(pl.LightningModule):
         tokenizer: str | None = None,
         seed: int = 0,
         compile: bool = False,
+        max_skipped_steps: int = 10,
     ):
         super().__init__()
+        if max_skipped_steps < 1:
+            raise UserError(f"max_skipped_steps must be at least 1, got {max_skipped_steps}")
         check_combination(objectives, backbone)
         self.save_hyperparameters(ignore=["backbone", "objectives"])
         self.hparams["backbone"] = dataclasses.asdict(backbone)
@@ -84,6 +111,10 @@ class PretrainingModule(pl.LightningModule):
                     module.compile()
         self._generators: dict[torch.device, torch.Generator] = {}
         self._rng_to_restore: dict[str, Tensor] | None = None
+        self._micro_batch = (-1, 0)  # (global step, micro-batch of it) of the latest training batch
+        self._skipped = self._streak = torch.zeros((), dtype=torch.long)  # skipped steps: in all, in a row
+        self._checked_step = -1
+        self._resumed_from: dict | None = None  # the checkpoint's hyper-parameters, on a resume
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None
                 ) -> tuple[Tensor, dict[str, ObjectiveOutput]]:
@@ -95,17 +126,20 @@ class PretrainingModule(pl.LightningModule):
         total = sum(objective.weight * outputs[objective.name].loss for objective in self.objectives)
         return total, outputs
 
-    def corruption_generator(self, device: torch.device, stream: int, index: int) -> torch.Generator:
-        """A generator on `device` seeded with (seed, rank, stream, index): no state to save, nothing shared with
+    def corruption_generator(self, device: torch.device, *key: int) -> torch.Generator:
+        """A generator on `device` seeded with a hash of (seed, rank, *key): no state to save, nothing shared with
         dropout's global RNG."""
         generator = self._generators.get(device)
         if generator is None:
             generator = self._generators[device] = torch.Generator(device=device)
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        return generator.manual_seed((self.hparams.seed << 40) ^ (rank << 32) ^ (stream << 31) ^ index)
+        digest = hashlib.blake2b(repr((self.hparams.seed, rank, *key)).encode(), digest_size=8).digest()
+        return generator.manual_seed(int.from_bytes(digest, "little") >> 1)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        generator = self.corruption_generator(batch["input_ids"].device, 0, self.global_step)
+        step, micro = self._micro_batch
+        self._micro_batch = (self.global_step, micro + 1 if step == self.global_step else 0)
+        generator = self.corruption_generator(batch["input_ids"].device, 0, *self._micro_batch)
         loss, outputs = self(batch, generator)
         self._log_outputs("train", loss, outputs)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
@@ -143,16 +177,94 @@ class PretrainingModule(pl.LightningModule):
             optimizer, schedule_factor(hp.schedule, hp.warmup_steps, total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Runs before every optimizer step: the gradient norm (clipped to `gradient_clip_val` where given), and the
+        non-finite guard: a step whose norm is not finite is skipped on the device and counted, without a host sync
+        (see `max_skipped_steps`)."""
+        parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not parameters:
+            return
+        if gradient_clip_val and gradient_clip_algorithm == "value":
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        if isinstance(self.trainer.strategy, FSDPStrategy):  # each rank holds a shard: the norm of all of them
+            squared = norm.pow(2)
+            torch.distributed.all_reduce(squared)
+            norm = squared.sqrt()
+        if gradient_clip_val and gradient_clip_algorithm != "value":
+            torch.nn.utils.clip_grads_with_norm_(parameters, gradient_clip_val, norm)
+        not_finite = ~norm.isfinite()
+        skip_if_not_finite(optimizer, parameters, not_finite)
+        self._skipped = self._skipped.to(norm.device) + not_finite
+        self._streak = (self._streak.to(norm.device) + 1) * not_finite
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        self.log("train/skipped_steps", self._skipped.float(), on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
+        """At the logging steps (where Lightning reads the logged values from the device anyway): stop the run if
+        the last `max_skipped_steps` steps were all skipped."""
+        step = self.global_step
+        if step % self.trainer.log_every_n_steps == 0 and step != self._checked_step:
+            self._checked_step = step
+            self._stop_if_diverged()
+
+    def on_train_end(self) -> None:
+        self._stop_if_diverged()
+
+    def _stop_if_diverged(self) -> None:
+        streak = int(self._streak)
+        if streak >= self.hparams.max_skipped_steps:
+            raise TrainingDiverged(
+                f"stopped at step {self.global_step}: the last {streak} steps had a non-finite loss or gradient (NaN "
+                "or inf) and were skipped; no checkpoint was written from them, the last one before them is intact. "
+                "Lower model.learning_rate, raise model.warmup_steps or clip gradients (--trainer.gradient_clip_val "
+                "1.0), then resume with --ckpt_path last")
+
+    def skipping(self) -> bool:
+        """Whether the latest step was skipped for a non-finite gradient (one host sync)."""
+        return bool(self._streak > 0)
+
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients so far in this run, resumes included (one host sync)."""
+        return int(self._skipped)
+
+    def check_data(self, data: pl.LightningDataModule) -> None:
+        """Refuse, before the first step, data that these objectives and this backbone cannot train on: the
+        objectives' `data_requirements` (a pair task on packed blocks, whole-word masking without word starts, ...),
+        examples longer than the learned positions, a tokenizer that makes ids outside the vocabulary."""
+        from objectives.base import data_mismatches
+
+        settings = dict(getattr(data, "hparams", {}))
+        problems = data_mismatches(list(self.objectives), settings)
+        config = self.backbone.config
+        length = settings.get("max_length")
+        if length and config.position_embedding == "learned" and length > config.max_position_embeddings:
+            problems.append(f"data.max_length {length} is longer than the model's {config.max_position_embeddings} "
+                            f"positions: set --data.max_length {config.max_position_embeddings} or raise "
+                            "model.backbone.max_position_embeddings")
+        tokenizer = getattr(data, "tokenizer", None)
+        if isinstance(tokenizer, Tokenizer) and tokenizer.get_vocab_size() > config.vocab_size:
+            problems.append(f"the data's tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size "
+                            f"is {config.vocab_size}: set model.backbone.vocab_size {tokenizer.get_vocab_size()}")
+        if problems:
+            raise UserError("; ".join(problems))
+
+    def setup(self, stage: str) -> None:
+        if self.trainer.datamodule is not None:
+            self.check_data(self.trainer.datamodule)
+
     def heads(self) -> dict[str, nn.Module]:
         """The objectives' heads by objective name, as `ModelWithHeads` and the Hugging Face export name them."""
         return {o.name: o.head for o in self.objectives}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """What `pretrain.load` and `pretrain export` need besides the weights, and the RNG state for exact resume
-        (dropout draws from torch's global generators)."""
+        """What `pretrain.load` and `pretrain export` need besides the weights, the RNG state for exact resume
+        (dropout draws from torch's global generators), and the skipped-step counts."""
         checkpoint["pretrain"] = {
             "backbone": self.hparams["backbone"], "tokenizer": self.tokenizer_json,
             "heads": {name: self._prefix_of(head) for name, head in self.heads().items()},
+            "skipped_steps": int(self._skipped), "skip_streak": int(self._streak),
         }
         checkpoint["rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -162,7 +274,51 @@ class PretrainingModule(pl.LightningModule):
         return next(name for name, m in self.named_modules() if m is module)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another architecture, objectives, optimizer or tokenizer (one line naming what
+        differs); keep its RNG state and skip counts; its optimizer settings are compared at the start of training."""
+        saved = checkpoint.get("pretrain", {})
+        hparams = checkpoint.get("hyper_parameters", {})
+        problems = [f"model.backbone.{key} is {value!r} in the checkpoint and {self.hparams['backbone'].get(key)!r} "
+                    "now" for key, value in (saved.get("backbone") or {}).items()
+                    if self.hparams["backbone"].get(key) != value]
+        if "heads" in saved and sorted(saved["heads"]) != sorted(self.heads()):
+            problems.append(f"the objectives are {sorted(saved['heads'])} in the checkpoint and {sorted(self.heads())} "
+                            "now")
+        if hparams.get("optimizer", self.hparams.optimizer) != self.hparams.optimizer:
+            problems.append(f"model.optimizer is {hparams['optimizer']!r} in the checkpoint and "
+                            f"{self.hparams.optimizer!r} now")
+        if saved.get("tokenizer") and self.tokenizer_json and saved["tokenizer"] != self.tokenizer_json:
+            problems.append("the tokenizer differs from the one the checkpoint was trained with")
+        if problems:
+            raise UserError("cannot resume: " + "; ".join(problems) + ". A resumed run keeps what it was trained with: "
+                            "drop the override, or start a new run in another --trainer.default_root_dir")
         self._rng_to_restore = checkpoint.get("rng")
+        self._skipped = torch.tensor(saved.get("skipped_steps", 0))
+        self._streak = torch.tensor(saved.get("skip_streak", 0))
+        self._resumed_from = hparams
+
+    def on_train_start(self) -> None:
+        """On a resume, apply the optimizer settings that differ from the checkpoint's to the restored optimizer and
+        schedule, and say so (the restored state would otherwise keep the old ones silently)."""
+        saved, self._resumed_from = self._resumed_from, None
+        if not saved:
+            return
+        hp = self.hparams
+        changed = [key for key in OPTIMIZER_SETTINGS if key in saved and _plain(saved[key]) != _plain(hp[key])]
+        if not changed:
+            return
+        optimizer, scheduler = self.optimizers().optimizer, self.lr_schedulers()
+        for group in optimizer.param_groups:
+            group["betas"], group["eps"] = tuple(hp.betas), hp.eps
+        optimizer.param_groups[0]["weight_decay"] = hp.weight_decay  # the decayed group (see parameter_groups)
+        fresh = self.configure_optimizers()["lr_scheduler"]["scheduler"]  # the schedule of the current settings
+        scheduler.lr_lambdas, scheduler.base_lrs = fresh.lr_lambdas, [hp.learning_rate] * len(scheduler.base_lrs)
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group["initial_lr"] = hp.learning_rate
+            group["lr"] = hp.learning_rate * factor(scheduler.last_epoch)
+        if self.trainer.is_global_zero:
+            for key in changed:
+                print(f"note: resuming with model.{key} {hp[key]!r} (the checkpoint had {saved[key]!r})", flush=True)
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         """On the first step after a resume, continue the global RNG streams where the saved run left them."""
@@ -172,3 +328,7 @@ class PretrainingModule(pl.LightningModule):
         if "cuda" in self._rng_to_restore and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
         self._rng_to_restore = None
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value

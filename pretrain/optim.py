@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 OptimizerName = Literal["adamw", "radam", "lamb"]
 ScheduleName = Literal["linear", "cosine", "inverse_sqrt", "constant"]
@@ -28,10 +28,14 @@ class Lamb(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
+        """One update of every parameter with a gradient. Where the attribute `found_inf` is set (a one-element
+        tensor, non-zero when the gradients are not finite; see `skip_if_not_finite`), the update, the moments and
+        the step count stay as they are, decided on the device."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -39,19 +43,31 @@ class Lamb(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    state["step"] = 0
+                    step_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+                    state["step"] = torch.zeros((), dtype=step_dtype, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
+                grad, b1, b2 = p.grad, beta1, beta2
+                if found_inf is not None:  # a skipped step: beta 1 and a zero gradient leave the moments as they are
+                    skip = found_inf.to(p.device).reshape(()) > 0
+                    grad = torch.where(skip, 0.0, grad)
+                    b1, b2 = torch.where(skip, 1.0, beta1), torch.where(skip, 1.0, beta2)
+                    state["step"] += (~skip).to(state["step"].dtype)
+                else:
+                    state["step"] += 1
                 m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                m_hat = m / (1 - beta1 ** state["step"])
-                v_hat = v / (1 - beta2 ** state["step"])
+                m.mul_(b1).add_(grad * (1 - b1))
+                v.mul_(b2).add_(grad * grad * (1 - b2))
+                step = state["step"].clamp(min=1)
+                m_hat = m / (1 - beta1 ** step)
+                v_hat = v / (1 - beta2 ** step)
                 update = m_hat / (v_hat.sqrt() + group["eps"]) + group["weight_decay"] * p
                 weight_norm, update_norm = p.norm(), update.norm()
                 trust = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, 1.0)
-                p.sub_(update * (group["lr"] * trust))  # no .item(): the step never waits for the device
+                update = update * (group["lr"] * trust)
+                if found_inf is not None:
+                    update = torch.where(skip, 0.0, update)
+                p.sub_(update)  # no .item(): the step never waits for the device
         return loss
 
 
@@ -64,15 +80,29 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(name: OptimizerName, module: nn.Module, learning_rate: float, weight_decay: float,
                     betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
+    """AdamW is the fused kernel (CPU and CUDA): one pass per step, and it skips a step on the device (`found_inf`)."""
     groups = parameter_groups(module, weight_decay)
     if name == "adamw":
-        fused = all(p.is_cuda for p in module.parameters()) or None  # the fused kernel where it exists
+        fused = all(p.device.type in ("cpu", "cuda") for p in module.parameters()) or None
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
     if name == "radam":
         return torch.optim.RAdam(groups, lr=learning_rate, betas=betas, eps=eps, decoupled_weight_decay=True)
     if name == "lamb":
         return Lamb(groups, lr=learning_rate, betas=betas, eps=eps)
     raise ValueError(f"unknown optimizer {name!r}; choose adamw, radam or lamb")
+
+
+def skip_if_not_finite(optimizer: torch.optim.Optimizer, parameters: list[Tensor], not_finite: Tensor) -> None:
+    """Make the coming `optimizer.step()` leave weights and optimizer state unchanged where `not_finite` (a bool
+    scalar on the device) is true. Fused AdamW and LAMB decide on the device (`found_inf`, as torch's GradScaler
+    uses it): no host sync. Other optimizers read the flag on the host (one sync per step) and, where it is set,
+    see no gradient at all."""
+    fused = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and optimizer.defaults.get("fused")
+    if fused or isinstance(optimizer, Lamb):
+        optimizer.found_inf = not_finite.float().reshape(())
+    elif bool(not_finite):
+        for p in parameters:
+            p.grad = None
 
 
 def schedule_factor(name: ScheduleName, warmup_steps: int, total_steps: int | None) -> Callable[[int], float]:

@@ -212,28 +212,43 @@ def test_clm_ignores_padding_and_document_boundaries():
 
 # --- Combinations ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("objectives, causal, layout, message", [
-    ([CausalLM(), MaskedLM(MASK, SPECIAL_IDS)], True, None, "clm needs causal attention and mlm needs bidirectional"),
-    ([MaskedLM(MASK, SPECIAL_IDS), ReplacedTokenDetection(MASK, SPECIAL_IDS)], False, None,
+@pytest.mark.parametrize("objectives, causal, message", [
+    ([CausalLM(), MaskedLM(MASK, SPECIAL_IDS)], True, "clm needs causal attention and mlm needs bidirectional"),
+    ([MaskedLM(MASK, SPECIAL_IDS), ReplacedTokenDetection(MASK, SPECIAL_IDS)], False,
      "mlm and rtd both rewrite the input tokens"),
-    ([NextSentencePrediction(), SentenceOrderPrediction()], False, None, "nsp and sop are both sentence-pair"),
-    ([CausalLM()], False, None, "clm needs a causal backbone"),
-    ([MaskedLM(MASK, SPECIAL_IDS)], True, None, "mlm needs a bidirectional backbone"),
-    ([MaskedLM(MASK, SPECIAL_IDS), NextSentencePrediction()], False, "stream", "nsp needs sentence-pair data"),
-    ([SentenceOrderPrediction()], False, "stream", "sop needs sentence-pair data"),
-    ([MaskedLM(MASK, SPECIAL_IDS), MaskedLM(MASK, SPECIAL_IDS)], False, None, "mlm is given twice"),
-    ([], False, None, "no objective given"),
+    ([NextSentencePrediction(), SentenceOrderPrediction()], False, "nsp and sop are both sentence-pair"),
+    ([CausalLM()], False, "clm needs a causal backbone"),
+    ([MaskedLM(MASK, SPECIAL_IDS)], True, "mlm needs a bidirectional backbone"),
+    ([MaskedLM(MASK, SPECIAL_IDS), MaskedLM(MASK, SPECIAL_IDS)], False, "mlm is given twice"),
+    ([], False, "no objective given"),
 ])
-def test_incompatible_combinations_fail_with_both_names(objectives, causal, layout, message):
+def test_incompatible_combinations_fail_with_both_names(objectives, causal, message):
     with pytest.raises(ValueError, match=message):
-        check_combination(objectives, tiny_config(causal=causal), layout=layout)
+        check_combination(objectives, tiny_config(causal=causal))
 
 
 def test_valid_combinations_pass():
-    check_combination([MaskedLM(MASK, SPECIAL_IDS), NextSentencePrediction()], tiny_config(), layout="pairs")
-    check_combination([MaskedLM(MASK, SPECIAL_IDS), SentenceOrderPrediction()], tiny_config(), layout="pairs")
-    check_combination([ReplacedTokenDetection(MASK, SPECIAL_IDS)], tiny_config(), layout="stream")
-    check_combination([CausalLM()], tiny_config(causal=True), layout="stream")
+    check_combination([MaskedLM(MASK, SPECIAL_IDS), NextSentencePrediction()], tiny_config())
+    check_combination([MaskedLM(MASK, SPECIAL_IDS), SentenceOrderPrediction()], tiny_config())
+    check_combination([ReplacedTokenDetection(MASK, SPECIAL_IDS)], tiny_config())
+    check_combination([CausalLM()], tiny_config(causal=True))
+
+
+@pytest.mark.parametrize("objectives, data, problems", [
+    ([MaskedLM(MASK, SPECIAL_IDS), NextSentencePrediction()], {"layout": "stream", "pair_task": "nsp"},
+     ["nsp needs data.layout 'pairs' but the data module has 'stream'"]),
+    ([SentenceOrderPrediction()], {"layout": "pairs", "pair_task": "nsp"},
+     ["sop needs data.pair_task 'sop' but the data module has 'nsp'"]),
+    ([MaskedLM(MASK, SPECIAL_IDS, whole_word=True)], {"layout": "stream", "word_starts": False},
+     ["mlm needs data.word_starts True but the data module has False"]),
+    ([MaskedLM(MASK, SPECIAL_IDS), NextSentencePrediction()], {"layout": "pairs", "pair_task": "nsp"}, []),
+    ([CausalLM()], {"layout": "stream"}, []),
+])
+def test_objectives_name_the_data_settings_they_need(objectives, data, problems):
+    from objectives.base import data_mismatches
+
+    found = data_mismatches(objectives, data)
+    assert [line.split(":")[0] for line in found] == problems
 
 
 def test_mlm_training_matches_hugging_face_step_for_step():

@@ -11,6 +11,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 
 import pretrain
 from models import TransformerConfig
+from pretrain.checkpoints import Checkpoints
 from pretrain.cli import lightning_cli, main
 from pretrain.data import BUNDLED_CORPUS
 from tests.helpers import run_cli
@@ -46,7 +47,8 @@ def test_every_recipe_parses_and_builds_its_model(recipe, tmp_path):
     expected = {"bert": ["mlm", "nsp"], "roberta": ["mlm"], "albert": ["mlm", "sop"], "electra": ["rtd"],
                 "gpt2": ["clm"], "quickstart": ["clm"]}[recipe.stem.split("-")[0]]
     assert names == expected
-    checkpointing = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert not any(isinstance(c, ModelCheckpoint) for c in cli.trainer.callbacks)  # ours alone writes checkpoints
+    checkpointing = [c for c in cli.trainer.callbacks if isinstance(c, Checkpoints)]
     assert len(checkpointing) == 1 and Path(checkpointing[0].dirpath) == tmp_path / "runs" / "checkpoints"
     assert cli.model.hparams.compile == (recipe.parent == CONFIGS and recipe.stem != "quickstart")
     bar = cli.trainer.progress_bar_callback  # refreshed (a host sync) only at the logging steps
@@ -59,8 +61,8 @@ def test_tiny_recipe_fits_and_writes_a_checkpoint(recipe, tmp_path):
                  "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1", "--model.warmup_steps", "1",
                  "--trainer.enable_progress_bar", "false"])
     assert code == 0
-    checkpoints = list((tmp_path / "runs").rglob("*.ckpt"))
-    assert [c.name for c in checkpoints] == ["last.ckpt"]
+    checkpoints = sorted((tmp_path / "runs").rglob("*.ckpt"))
+    assert [c.name for c in checkpoints] == ["last.ckpt", "step-00000003.ckpt"]
     assert (tmp_path / "runs" / "logs" / "version_0" / "config.yaml").is_file()
     state = torch.load(checkpoints[0], map_location="cpu", weights_only=True)
     assert state["global_step"] == 3 and "class_path: objectives." in state["config"]  # the resolved recipe

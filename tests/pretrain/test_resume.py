@@ -40,12 +40,16 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 
 
-@pytest.mark.parametrize("recipe, stop", [("bert.yaml", 4), ("electra.yaml", 3)])
-def test_stopped_and_resumed_run_equals_an_uninterrupted_one(recipe, stop, tmp_path):
-    # stop=4: mid-epoch (epoch 1, one batch in); stop=3: at the end of epoch 0
-    fit(recipe, tmp_path / "straight", tmp_path, 8)
-    fit(recipe, tmp_path / "resumed", tmp_path, stop)  # stops; its last.ckpt is written at the end
-    fit(recipe, tmp_path / "resumed", tmp_path, 8, "--ckpt_path", "last")
+@pytest.mark.parametrize("recipe, stop, extra", [
+    ("bert.yaml", 4, []), ("electra.yaml", 3, []),
+    ("roberta.yaml", 3, ["--trainer.accumulate_grad_batches", "2"]),  # each micro-batch has its own masks
+])
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(recipe, stop, extra, tmp_path):
+    # stop=4: mid-epoch (epoch 1, one batch in); stop=3: at the end of epoch 0 (with accumulation 2 and epochs of 3
+    # batches, 2 steps per epoch: mid-epoch)
+    fit(recipe, tmp_path / "straight", tmp_path, 8, *extra)
+    fit(recipe, tmp_path / "resumed", tmp_path, stop, *extra)  # stops; its last.ckpt is written at the end
+    fit(recipe, tmp_path / "resumed", tmp_path, 8, "--ckpt_path", "last", *extra)
 
     straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert straight.keys() == resumed.keys()
