@@ -50,7 +50,9 @@ def test_every_recipe_parses_and_builds_its_model(recipe, tmp_path):
     assert not any(isinstance(c, ModelCheckpoint) for c in cli.trainer.callbacks)  # ours alone writes checkpoints
     checkpointing = [c for c in cli.trainer.callbacks if isinstance(c, Checkpoints)]
     assert len(checkpointing) == 1 and Path(checkpointing[0].dirpath) == tmp_path / "runs" / "checkpoints"
-    assert cli.model.hparams.compile == (recipe.parent == CONFIGS and recipe.stem != "quickstart")
+    full = recipe.parent == CONFIGS and recipe.stem != "quickstart"
+    assert cli.model.hparams.compile == full
+    assert cli.trainer.gradient_clip_val == (1.0 if full else None)
     bar = cli.trainer.progress_bar_callback  # refreshed (a host sync) only at the logging steps
     assert isinstance(bar, TQDMProgressBar) and bar.refresh_rate == cli.trainer.log_every_n_steps
 
@@ -112,6 +114,21 @@ def test_bad_input_is_one_clear_error(arguments, message, tmp_path):
                              capture_output=True, text=True, cwd=CONFIGS.parent)
     assert process.returncode == 2
     assert message in process.stderr and "Traceback" not in process.stderr
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["-c", "configs/tiny/bert.yaml", "--data.layout", "stream"],
+     "nsp needs data.layout 'pairs' but the data module has 'stream': set --data.layout pairs"),
+    (["-c", "configs/tiny/albert.yaml", "--data.pair_task", "nsp"], "sop needs data.pair_task 'sop'"),
+    (["-c", "configs/tiny/roberta.yaml", "--model.objectives.whole_word", "true"], "mlm needs data.word_starts True"),
+    (["-c", "configs/tiny/gpt2.yaml", "--data.max_length", "128"], "data.max_length 128 is longer than the model's 64"),
+])
+def test_a_model_that_cannot_train_on_its_data_is_refused_before_the_first_step(arguments, message, tmp_path):
+    recipe = CONFIGS.parent / arguments[1]
+    process = run_cli("fit", *arguments, *overrides(tmp_path, recipe))
+    assert process.returncode == 2 and message in process.stderr and "Traceback" not in process.stderr
+    assert not (tmp_path / "runs" / "checkpoints").exists()
+    assert not list((tmp_path / "cache").glob("*/arrays.json"))  # refused before the examples were built
 
 
 def test_a_misspelt_key_in_a_recipe_is_one_clear_error(tmp_path):
