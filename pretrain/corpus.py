@@ -7,7 +7,7 @@ import glob
 import html
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -21,31 +21,86 @@ FORMATS = {".txt": "text", ".tokens": "text", ".raw": "text", ".text": "text", "
            ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 REPLACEMENT = "\ufffd"
 _TAGS = re.compile(r"<br\s*/?>|</?p>", re.IGNORECASE)
+# Documents in text files: separated by a line that is empty or holds only whitespace (WikiText's blank lines hold
+# one space).
+_BLANK_LINE = re.compile(r"\n[^\S\n]*\n")
+SNIFF_BYTES = 1 << 16
+MAX_INVALID_SHARE = 0.2  # of the characters in a file's first 64 KiB: more than this invalid UTF-8 is not text
 
 
-def resolve_files(patterns: Sequence[str | Path]) -> list[Path]:
-    """Files named by paths, globs and directories (a directory means every file below it), sorted, unique."""
+def resolve_files(patterns: Sequence[str | Path] | str | Path) -> list[Path]:
+    """Files named by paths, globs and directories (a directory means every file below it), sorted, unique. A file
+    named on its own that is not text (binary content: NUL bytes, or mostly invalid UTF-8) is refused; such files
+    found by a glob or in a directory are skipped, with a warning that counts them."""
     if isinstance(patterns, (str, Path)):
         patterns = [patterns]
     if not patterns:
         raise UserError("no corpus given: pass at least one file, glob or directory")
     files: list[Path] = []
+    skipped: list[Path] = []
     for pattern in map(str, patterns):
         if glob.has_magic(pattern):
             matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
             if not matches:
                 raise UserError(f"the glob {pattern!r} matches no file; check the pattern and quote it in the shell")
-            files += matches
         elif Path(pattern).is_dir() and not (Path(pattern) / "dataset_info.json").is_file():
             matches = sorted(p for p in Path(pattern).rglob("*") if p.is_file() and not p.name.startswith("."))
             if not matches:
                 raise UserError(f"the directory {pattern} holds no file")
-            files += matches
         elif Path(pattern).exists():
+            if not looks_like_text(Path(pattern)):
+                raise UserError(f"{pattern} is not a text file (binary content); give text, JSONL, CSV or Parquet "
+                                "files")
             files.append(Path(pattern))
+            continue
         else:
             raise UserError(f"corpus path not found: {pattern}")
+        text = [path for path in matches if looks_like_text(path)]
+        if not text:
+            raise UserError(f"{pattern} holds no text file (the {len(matches)} files there are binary)")
+        skipped += [path for path in matches if path not in text]
+        files += text
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} files that are not text (binary content), e.g. {skipped[0]}",
+                      stacklevel=2)
     return list(dict.fromkeys(files))
+
+
+def looks_like_text(path: Path) -> bool:
+    """Whether a corpus file can be read as text: its first 64 KiB hold no NUL byte and at most 20 % invalid UTF-8
+    (a Latin-1 file with accents passes; an image, an executable or random bytes do not). Parquet files and
+    `save_to_disk` directories are binary by design and pass."""
+    if path.is_dir() or FORMATS.get(path.suffix.lower()) == "parquet":
+        return True
+    with path.open("rb") as file:
+        head = file.read(SNIFF_BYTES)
+    if b"\0" in head:
+        return False
+    decoded = head.decode("utf-8", errors="replace")
+    # the last character may be a sequence cut at the 64 KiB boundary: not counted
+    return decoded[:-1].count(REPLACEMENT) <= MAX_INVALID_SHARE * max(1, len(decoded))
+
+
+def text_documents(path: str, documents_by: DocumentsBy, chunk_size: int = 1 << 22, **_) -> Iterator[dict[str, str]]:
+    """The documents of a text file, read a chunk at a time (bounded memory), stripped, empty ones skipped: each
+    line (`documents_by="line"`), or each block between lines that are empty or hold only whitespace
+    ("paragraph"). Invalid UTF-8 becomes replacement characters. (Extra keyword arguments, such as the file's size
+    and modification time, only key the `datasets` cache.)"""
+    with open(path, encoding="utf-8", errors="replace") as file:  # universal newlines: \r\n is \n
+        if documents_by == "line":
+            for line in file:
+                if line.strip():
+                    yield {"text": line.strip()}
+            return
+        carry = ""
+        while chunk := file.read(chunk_size):
+            parts = _BLANK_LINE.split(carry + chunk)
+            carry = parts.pop()  # may continue in the next chunk
+            for part in parts:
+                if part.strip():
+                    yield {"text": part.strip()}
+        if carry.strip():
+            yield {"text": carry.strip()}
 
 
 def clean_text(text: str) -> str:
@@ -67,7 +122,8 @@ def load_corpus(
     dropped (and an empty corpus refused) unless `drop_empty=False`: the packer skips them for free, a filter pass
     over a large corpus is not free.
 
-    Text files give a document per blank-line-separated block (`documents_by="paragraph"`) or per line; JSONL, CSV
+    Text files give a document per block between blank (or whitespace-only) lines (`documents_by="paragraph"`) or
+    per line (`text_documents`); JSONL, CSV
     (TSV) and Parquet files give a document per row from `text_field`; a directory written by `save_to_disk` gives its
     rows. Invalid UTF-8 is decoded with replacement characters and counted in a warning.
     """
@@ -108,9 +164,16 @@ def _load_one(path: Path, text_field: str, documents_by: DocumentsBy, cache_dir,
     cache = str(cache_dir) if cache_dir else None
     try:
         if kind == "text":
-            dataset = datasets.load_dataset("text", data_files=str(path), split="train", cache_dir=cache,
-                                            sample_by=documents_by, encoding_errors="replace", streaming=streaming)
-            return dataset.map(lambda batch: {"text": [t.strip() for t in batch["text"]]}, batched=True)
+            stat = path.stat()
+            arguments = {"path": str(path.resolve()), "documents_by": documents_by, "size": stat.st_size,
+                         "mtime": stat.st_mtime_ns}
+            features = datasets.Features({"text": datasets.Value("string")})
+            if next(text_documents(**arguments), None) is None:  # datasets refuses to generate an empty split
+                empty = datasets.Dataset.from_dict({"text": []}, features=features)
+                return empty.to_iterable_dataset() if streaming else empty
+            if streaming:
+                return datasets.IterableDataset.from_generator(text_documents, features, gen_kwargs=arguments)
+            return datasets.Dataset.from_generator(text_documents, features, cache_dir=cache, gen_kwargs=arguments)
         options = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
         dataset = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=cache,
                                         streaming=streaming, **options)

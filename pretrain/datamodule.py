@@ -17,6 +17,7 @@ from pretrain.errors import UserError
 from pretrain.preprocess import (
     build_pairs,
     cached_arrays,
+    file_lock,
     fingerprint,
     pack_stream,
     sentence_tokens,
@@ -88,7 +89,7 @@ class PretrainingDataModule(pl.LightningDataModule):
     """Batches for pretraining, from corpus files and a tokenizer.
 
     Args:
-        files: text / JSONL / CSV / Parquet files, globs, directories, or `save_to_disk` datasets.
+        files: text / JSONL / CSV / Parquet files, globs, directories, or `save_to_disk` datasets (one, or a list).
         tokenizer: a tokenizer.json, vocab.txt, vocab.json (+ merges.txt), or a directory holding one.
         layout: "stream" (packed blocks, document ids kept) or "pairs" ([CLS] A [SEP] B [SEP] for NSP/SOP).
         max_length: tokens per example.
@@ -107,7 +108,7 @@ class PretrainingDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        files: list[str],
+        files: list[str] | str,
         tokenizer: str,
         layout: Layout = "stream",
         max_length: int = 128,
@@ -117,7 +118,7 @@ class PretrainingDataModule(pl.LightningDataModule):
         word_starts: bool = False,
         separate_documents: bool = True,
         short_seq_prob: float = 0.1,
-        validation_files: list[str] | None = None,
+        validation_files: list[str] | str | None = None,
         validation_fraction: float = 0.01,
         text_field: str = "text",
         documents_by: DocumentsBy = "paragraph",
@@ -140,8 +141,13 @@ class PretrainingDataModule(pl.LightningDataModule):
             raise UserError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
         self.save_hyperparameters()
         if train_tokenizer and not Path(tokenizer).exists():
-            train_tokenizer_on_files(files, train_tokenizer, tokenizer_vocab_size, tokenizer, text_field, documents_by,
-                                     clean, cache_dir=Path(cache_dir) / "datasets")
+            # once: processes started together (torchrun, SLURM, runs sharing a tokenizer) wait for the first
+            with file_lock(Path(tokenizer).with_name(f".{Path(tokenizer).name}.lock")):
+                if not Path(tokenizer).exists():
+                    print(f"training a {train_tokenizer} tokenizer ({tokenizer_vocab_size:,} tokens) on {files}: "
+                          f"{tokenizer} (once; later runs read it)", flush=True)
+                    train_tokenizer_on_files(files, train_tokenizer, tokenizer_vocab_size, tokenizer, text_field,
+                                             documents_by, clean, cache_dir=Path(cache_dir) / "datasets")
         self.tokenizer = load_tokenizer(tokenizer)
         self.special = special_ids(self.tokenizer)
         if self.special.sep is None and self.special.eos is None:
@@ -183,16 +189,32 @@ class PretrainingDataModule(pl.LightningDataModule):
                              streaming=streaming, drop_empty=False)  # the packer skips empty documents
         if split == "all" or hp.validation_fraction == 0:
             return corpus
+        if not streaming:
+            self._check_split(files, len(corpus))
         keep_validation = split == "val"
         return corpus.filter(
             lambda _, indices: list(in_validation(np.array(indices), hp.validation_fraction, hp.seed)
                                     == keep_validation), with_indices=True, batched=True)
 
+    def _check_split(self, files: list[str] | str, documents: int) -> None:
+        """Before anything is split: a corpus that yields too few documents for a validation split by document
+        (one giant document, a file without blank lines) gets one line saying how many were found and what to do."""
+        hp = self.hparams
+        validation = int(in_validation(np.arange(documents), hp.validation_fraction, hp.seed).sum())
+        if 0 < validation < documents:
+            return
+        unit = {"paragraph": "blocks between blank lines", "line": "lines"}[hp.documents_by]
+        named = files if isinstance(files, str) else ", ".join(map(str, files))
+        raise UserError(
+            f"the corpus {named} gives {documents:,} document(s) ({unit} of text files, rows of the others), and the "
+            f"validation split (validation_fraction {hp.validation_fraction}, by whole document) would take "
+            f"{validation} of them, leaving {documents - validation} to train on. Read one document per line "
+            "(--data.documents_by line), give one file per document, give --data.validation_files, or set "
+            "--data.validation_fraction 0")
+
     def _build(self, files: list[str], split: str) -> Iterator[dict[str, np.ndarray]]:
         hp = self.hparams
         documents = self._documents(files, split)
-        if len(documents) == 0:
-            raise UserError(f"the {split} split is empty: lower validation_fraction or add documents")
         if hp.layout == "stream":
             tokenized = tokenize(documents, self.tokenizer, hp.word_starts, hp.num_proc)
             yield from pack_stream(tokenized_batches(tokenized), hp.max_length, self._separator(), self._cls())

@@ -129,6 +129,7 @@ def finetune_once(model_path: str | Path, task: Task, labels: tuple[str, ...], t
                                            generator=torch.Generator().manual_seed(seed))
                for data, shuffle in ((train_data, True), (dev_data, False))]
     module = FineTuningModule(backbone, head, task, num_labels, settings)
+    module.train()  # `load` gives the model in eval mode; Lightning keeps each module's mode: dropout must be on
     trainer = pl.Trainer(max_epochs=settings.epochs, logger=CSVLogger(out, name="", version=""),
                          enable_checkpointing=False, num_sanity_val_steps=0, enable_model_summary=False,
                          enable_progress_bar=False, log_every_n_steps=50)

@@ -8,12 +8,14 @@ with NSP negatives from another document.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -23,6 +25,11 @@ from tokenizers import Tokenizer
 
 from objectives.nsp import IS_NEXT, NOT_NEXT
 from pretrain.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
@@ -40,20 +47,40 @@ def fingerprint(files: Iterable[Path], tokenizer: Tokenizer, settings: dict) -> 
     return digest.hexdigest()[:20]
 
 
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created if needed) for the duration of the block: processes that build the same
+    thing (ranks of one run, or runs sharing a cache) take turns, so the first builds and the others find it built.
+    (Where `fcntl` does not exist, no lock.)"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def cached_arrays(cache_dir: Path, key: str,
                   build: Callable[[], Iterable[dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
     """The arrays `build()` yields in parts (rows of each array, in order), written under cache_dir/key part by part
-    and memory-mapped, now and on later calls. The directory is written under a temporary name and renamed when
-    complete, so an interrupted run never leaves a cache that is trusted."""
+    and memory-mapped, now and on later calls. Built once: a process that finds another building the same key waits
+    for it (`file_lock`), then reads what it built. The directory is written under a temporary name and renamed
+    when complete, so an interrupted run never leaves a cache that is trusted."""
     final = Path(cache_dir) / key
     if not (final / "COMPLETE").is_file():
-        partial = Path(cache_dir) / f".{key}.partial-{os.getpid()}"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        write_arrays(partial, build())
-        (partial / "COMPLETE").write_text("ok\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
+        with file_lock(Path(cache_dir) / f".{key}.lock"):
+            if not (final / "COMPLETE").is_file():
+                print(f"building the examples cache {final} (once; later runs read it)", flush=True)
+                partial = Path(cache_dir) / f".{key}.partial-{socket.gethostname()}-{os.getpid()}"
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+                write_arrays(partial, build())
+                (partial / "COMPLETE").write_text("ok\n")
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(partial, final)
     return load_arrays(final)
 
 

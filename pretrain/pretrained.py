@@ -23,7 +23,7 @@ from pretrain import __version__
 from pretrain.checkpoints import read_checkpoint
 from pretrain.errors import UserError
 from pretrain.generate import LanguageModel, Strategy, generate, perplexity
-from pretrain.tokenizer import load_tokenizer, special_ids
+from pretrain.tokenizer import load_tokenizer, plain, special_ids
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
 
@@ -60,7 +60,7 @@ class Pretrained:
     a fine-tuned model also has `task` (name, labels, regression, pair) and its "task" head, used by `predict`."""
 
     def __init__(self, model: ModelWithHeads, tokenizer: Tokenizer, task: dict | None = None):
-        self.model, self.tokenizer, self.task = model.eval(), tokenizer, task
+        self.model, self.tokenizer, self.task = model.eval(), plain(tokenizer), task
         self.special = special_ids(tokenizer)
 
     @property

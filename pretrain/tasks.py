@@ -103,7 +103,8 @@ def read_examples(task: Task, path: Path) -> Examples:
     elif any(not isinstance(c, int) or rows and c >= len(rows[0]) for c in columns):
         raise UserError(f"{path} has {len(rows[0]) if rows else 0} columns, fewer than the task needs")
     examples = Examples([], [] if task.pair is not None else None, [])
-    for number, row in enumerate(rows, start=2 if task.header else 1):
+    first_line = 2 if task.header and path.suffix not in (".jsonl", ".json") else 1  # after the header, if any
+    for number, row in enumerate(rows, start=first_line):
         try:
             examples.texts.append(str(row[task.text]))
             if task.pair is not None:
@@ -111,6 +112,9 @@ def read_examples(task: Task, path: Path) -> Examples:
             label = row[task.label]
         except (KeyError, IndexError):
             raise UserError(f"{path}, line {number}: too few columns") from None
+        if label is None or not str(label).strip():
+            raise UserError(f"{path}, line {number}: the label ({task.label}) is empty; give every row a label, or "
+                            "drop the row")
         examples.labels.append(str(label).strip())
     if not examples.texts:
         raise UserError(f"{path} holds no examples")

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +119,9 @@ def train_tokenizer_on_files(
     corpus = load_corpus(files, text_field, documents_by, clean, cache_dir)
     tokenizer = train_tokenizer(corpus["text"], kind, vocab_size, lowercase=lowercase)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(target))
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    tokenizer.save(str(partial))
+    os.replace(partial, target)  # complete or absent: another process never reads half a file
     return tokenizer, len(corpus)
 
 
@@ -132,14 +135,26 @@ def _non_empty(texts: Iterable[str]) -> Iterator[str]:
         raise UserError("the corpus is empty: no text to train the tokenizer on")
 
 
+def plain(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer without padding or truncation of its own (a Hugging Face tokenizer.json often carries them, e.g.
+    fixed padding to 128): this project pads and cuts where it needs to, and padding tokens must never be packed
+    as text or attended to. In place; returns it."""
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A `tokenizer.json`, a BERT `vocab.txt`, GPT-2's `vocab.json` (with `merges.txt` beside it), or a directory
-    holding one of these."""
-    path = Path(path)
+    holding one of these; without padding or truncation of its own (`plain`)."""
+    return plain(_read_tokenizer(Path(path)))
+
+
+def _read_tokenizer(path: Path) -> Tokenizer:
     if path.is_dir():
         for name in ("tokenizer.json", "vocab.txt", "vocab.json"):
             if (path / name).is_file():
-                return load_tokenizer(path / name)
+                return _read_tokenizer(path / name)
         raise UserError(f"no tokenizer found in {path}: expected tokenizer.json, vocab.txt or vocab.json + merges.txt")
     if not path.is_file():
         raise UserError(f"tokenizer not found: {path}")

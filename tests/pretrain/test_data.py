@@ -124,6 +124,95 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
     assert corpus["text"][1] == "bad \ufffd\ufffd bytes"
 
 
+def test_whitespace_only_lines_separate_documents(tmp_path):
+    """WikiText's blank lines hold a single space; \r\n line ends; a separator may fall across a read chunk."""
+    from pretrain.corpus import text_documents
+
+    (tmp_path / "wiki.txt").write_bytes(b" \n = Title = \n \n First paragraph .\r\nstill first .\n\t \n\n Second .\n")
+    assert load_corpus([tmp_path / "wiki.txt"])["text"] == ["= Title =", "First paragraph .\nstill first .",
+                                                             "Second ."]
+    for chunk_size in (1, 2, 3, 7):
+        assert [d["text"] for d in text_documents(str(tmp_path / "wiki.txt"), "paragraph", chunk_size)] == \
+            ["= Title =", "First paragraph .\nstill first .", "Second ."]
+
+
+@pytest.mark.skipif(not (SHARED / "wikitext-2").is_dir(), reason="needs ../shared/data (present on CI)")
+def test_wikitext_reads_as_its_paragraphs(tmp_path):
+    corpus = load_corpus([SHARED / "wikitext-2" / "wiki.valid.tokens"], cache_dir=tmp_path)
+    assert len(corpus) == 1160 and corpus["text"][0] == "= Homarus gammarus ="
+
+
+def test_too_few_documents_for_a_validation_split_is_one_line_that_says_why(tmp_path, tokenizer_path):
+    one = tmp_path / "one.txt"
+    one.write_text("\n".join(f"line {i} of a file without blank lines." for i in range(300)) + "\n")
+    data = module(one, tokenizer_path, tmp_path, validation_fraction=0.1)
+    with pytest.raises(UserError, match=r"one.txt gives 1 document\(s\) \(blocks between blank lines.*would take "
+                                        r"[01] of them.*--data.documents_by line"):
+        data.setup()
+    by_line = module(one, tokenizer_path, tmp_path, validation_fraction=0.1, documents_by="line")
+    by_line.setup()
+    assert len(by_line.datasets["train"]) > 0 and len(by_line.datasets["val"]) > 0
+
+
+def binary_files(directory: Path) -> list[Path]:
+    import random
+
+    directory.mkdir(parents=True, exist_ok=True)
+    noise = directory / "noise.txt"
+    noise.write_bytes(random.Random(0).randbytes(200_000))
+    png = directory / "image.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 10)
+    program = directory / "program"
+    program.write_bytes(Path(sys.executable).resolve().read_bytes()[:100_000])
+    return [noise, png, program]
+
+
+def test_binary_files_are_refused_by_name_and_skipped_in_directories(tmp_path):
+    for path in binary_files(tmp_path / "bin"):
+        with pytest.raises(UserError, match=f"{path} is not a text file"):
+            load_corpus([path])
+    with pytest.raises(UserError, match="holds no text file"):
+        load_corpus([tmp_path / "bin"])
+    write_documents(tmp_path / "bin" / "text.txt", ["real text", "more text"])
+    (tmp_path / "bin" / "latin1.txt").write_bytes("Le caf\xe9 de la gare ferme \xe0 huit heures.".encode("latin-1"))
+    with pytest.warns(UserWarning, match="skipped 3 files that are not text"):
+        corpus = load_corpus([tmp_path / "bin"])
+    assert corpus["text"][-2:] == ["real text", "more text"] and len(corpus) == 3  # Latin-1 is text (replaced)
+    with pytest.warns(UserWarning, match="skipped 3 files"):
+        assert len(load_corpus([str(tmp_path / "bin" / "*")])) == 3
+
+
+def test_a_tokenizer_with_its_own_padding_and_truncation_is_used_plain(tmp_path, tokenizer_path):
+    """Hugging Face tokenizer.json files often pad to a fixed length: pads must never be packed as text."""
+    padded = load_tokenizer(tokenizer_path)
+    padded.enable_padding(length=128, pad_id=0, pad_token="[PAD]")
+    padded.enable_truncation(8)
+    padded.save(str(tmp_path / "padded.json"))
+    loaded = load_tokenizer(tmp_path / "padded.json")
+    assert loaded.padding is None and loaded.truncation is None
+    text = "a sentence with more than eight tokens in it, surely more than eight."
+    assert len(loaded.encode(text).ids) == len(load_tokenizer(tokenizer_path).encode(text).ids) > 8
+    corpus = write_documents(tmp_path / "corpus.txt", [f"document number {i}. it has words." for i in range(50)])
+    plain_data, padded_data = (module(corpus, path, tmp_path / name) for path, name in
+                               ((tokenizer_path, "a"), (tmp_path / "padded.json", "b")))
+    plain_data.setup()
+    padded_data.setup()
+    assert np.array_equal(plain_data.datasets["train"].arrays["input_ids"],
+                          padded_data.datasets["train"].arrays["input_ids"])
+
+
+def test_files_may_be_one_path_or_glob(tmp_path, tokenizer_path):
+    write_documents(tmp_path / "a.txt", [f"first file document {i}." for i in range(20)])
+    write_documents(tmp_path / "b.txt", [f"second file document {i}." for i in range(20)])
+    one = PretrainingDataModule(str(tmp_path / "*.txt"), str(tokenizer_path), max_length=32, validation_fraction=0,
+                                cache_dir=str(tmp_path / "cache"))
+    listed = PretrainingDataModule([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], str(tokenizer_path),
+                                   max_length=32, validation_fraction=0, cache_dir=str(tmp_path / "cache2"))
+    one.setup()
+    listed.setup()
+    assert np.array_equal(one.datasets["train"].arrays["input_ids"], listed.datasets["train"].arrays["input_ids"])
+
+
 def test_cli_errors_have_no_traceback(tmp_path):
     process = subprocess.run([sys.executable, "-m", "pretrain.cli", "tokenizer", "train", "--corpus",
                               str(tmp_path / "*.txt"), "--kind", "bpe", "--vocab-size", "500", "--out",

@@ -61,3 +61,36 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     initial = fit(tmp_path, "zero", 16, "--trainer.max_steps", "1", "--model.learning_rate", "0",
                   "--model.schedule", "constant")
     assert max((one[k] - initial[k]).abs().max().item() for k in one) > 1e-4  # the runs did move the weights
+
+
+def first_run(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    """A run that finds neither its tokenizer nor its cache: both are built on the way."""
+    return [sys.executable, "-m", "pretrain.cli", "fit", "-c", "configs/tiny/gpt2.yaml",
+            "--data.tokenizer", str(tmp_path / "tokenizer" / "tokenizer.json"), "--data.tokenizer_vocab_size", "300",
+            "--model.backbone.vocab_size", "300", "--data.cache_dir", str(tmp_path / "cache"),
+            "--trainer.max_steps", "2", "--model.warmup_steps", "1", "--trainer.limit_val_batches", "1",
+            "--trainer.val_check_interval", "2",
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path / name), *extra]
+
+
+def test_a_two_process_first_run_builds_the_cache_once(tmp_path):
+    process = subprocess.run(first_run(tmp_path, "ddp", "--trainer.strategy", "ddp", "--trainer.devices", "2"),
+                             capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert process.stdout.count("training a bpe tokenizer") == 1
+    assert process.stdout.count("building the examples cache") == 2  # train and validation, by one rank only
+    assert len(list((tmp_path / "cache").glob("*/COMPLETE"))) == 2 and not list((tmp_path / "cache").glob(".*partial*"))
+
+
+def test_runs_started_together_train_the_tokenizer_and_build_the_cache_once(tmp_path):
+    """As under torchrun or SLURM, where every process starts at once: the first builds, the others wait for it."""
+    processes = [subprocess.Popen(first_run(tmp_path, f"run-{i}"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, cwd=ROOT) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    stdout = "".join(out for out, _ in outputs)
+    assert stdout.count("training a bpe tokenizer") == 1 and stdout.count("building the examples cache") == 2
+    first, second = (torch.load(tmp_path / f"run-{i}" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+                     for i in range(2))
+    assert all(torch.equal(first[k], second[k]) for k in first)  # the same tokenizer and data

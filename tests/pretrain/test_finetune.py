@@ -112,6 +112,35 @@ def test_each_task_type_trains_and_the_best_model_predicts(kind, model_dir, tmp_
         assert predicted == ["1", "0"]
 
 
+def test_fine_tuning_trains_with_dropout_on(model_dir, tmp_path, monkeypatch):
+    from pretrain.finetune import FineTuningModule
+
+    original, seen = FineTuningModule.training_step, []
+
+    def recording(self, batch, batch_idx):
+        dropouts = [m for m in self.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        with torch.no_grad():  # dropout draws differ: two passes over one batch disagree
+            differ = not torch.equal(self(batch), self(batch))
+        seen.append((len(dropouts) > 0 and all(m.training for m in dropouts), differ))
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(FineTuningModule, "training_step", recording)
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(16, 0))
+    task = Task("mine", text="text", label="label")
+    finetune(model_dir, task, train, train, tmp_path / "out", [1], Settings(epochs=2, batch_size=8))
+    assert seen and all(on and differ for on, differ in seen)
+
+
+def test_empty_labels_are_refused_with_their_line(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\na fine film,1\na dull film,\n")
+    with pytest.raises(UserError, match=r"train.csv, line 3: the label \(label\) is empty"):
+        read_examples(Task("mine", text="text", label="label"), path)
+    jsonl = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "score": None}])
+    with pytest.raises(UserError, match=r"train.jsonl, line 1: the label \(score\) is empty"):
+        read_examples(Task("mine", text="text", label="score", regression=True), jsonl)
+
+
 def test_bad_input_is_one_clear_error(model_dir, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(8, 0))
     odd = write_jsonl(tmp_path / "odd.jsonl", [{"text": "a", "label": 7}])
