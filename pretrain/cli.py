@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -167,13 +168,22 @@ def train_tokenizer_command(args: argparse.Namespace) -> None:
 
 def generate_command(args: argparse.Namespace) -> None:
     import pretrain
+    from pretrain.generate import Settings
 
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.strategy == "sample" and args.temperature <= 0:
-        raise UserError("--temperature must be positive; use --strategy greedy for argmax decoding")
+    try:
+        Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty)
+    except UserError as error:  # the option names as the command spells them
+        raise UserError(re.sub(r"\b(max_new_tokens|temperature|top_k|top_p|num_beams|length_penalty)\b",
+                               lambda m: "--" + m.group(1).replace("_", "-"), str(error))) from None
     model = pretrain.load(args.model)
-    texts = model.generate(args.prompt, args.strategy, seed=args.seed, max_new_tokens=args.max_new_tokens,
+    room = model.room(args.prompt)
+    if room < 1:
+        raise UserError(f"a prompt fills all {model.config.max_position_embeddings} positions of the model: shorten it")
+    if args.max_new_tokens > room:
+        print(f"note: generating {room} new tokens, not {args.max_new_tokens}: prompt and continuation must fit the "
+              f"model's {model.config.max_position_embeddings} positions", file=sys.stderr)
+    texts = model.generate(args.prompt, args.strategy, seed=args.seed, max_new_tokens=min(args.max_new_tokens, room),
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            num_beams=args.num_beams, length_penalty=args.length_penalty)
     for prompt, text in zip(args.prompt, texts, strict=True):
@@ -187,6 +197,10 @@ def evaluate_command(args: argparse.Namespace) -> None:
     if not args.data.is_file():
         raise UserError(f"--data {args.data} does not exist")
     model = pretrain.load(args.model)
+    positions = model.config.max_position_embeddings
+    if args.window is not None and not 2 <= args.window <= positions:
+        raise UserError(f"--window {args.window} does not fit the model's {positions} positions: give 2 to {positions} "
+                        "(or leave it out)")
     value, tokens = model.perplexity(args.data.read_text(encoding="utf-8", errors="replace"), args.window,
                                      args.stride)
     print(f"perplexity {value:.3f} over {tokens:,} tokens of {args.data}")
@@ -284,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         debug = len(rest) < len(argv)
         try:
             lightning_cli(rest)
-        except (UserError, ValueError) as error:  # ValueError: a config the models/objectives refuse
+        except (UserError, ValueError, OSError) as error:  # ValueError: a config the models/objectives refuse;
+            # OSError: the machine refused (a file unreadable, a directory not writable): not a bug of ours
             if debug:
                 raise
             print(f"error: {error}", file=sys.stderr)
@@ -310,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             from pretrain.pretrained import export
 
             print(f"exported {args.checkpoint} to {export(args.checkpoint, args.out, args.format)} ({args.format})")
-    except UserError as error:
+    except (UserError, OSError) as error:  # bad input, or the machine refused; anything else is a bug: traceback
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)

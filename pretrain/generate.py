@@ -12,6 +12,7 @@ from torch import Tensor
 
 from models import LMHead, Transformer
 from models.transformer import KVCache
+from pretrain.errors import UserError
 
 Strategy = Literal["greedy", "sample", "beam"]
 
@@ -45,6 +46,25 @@ class Settings:
     early_stopping: bool = True
     eos_id: int | None = None
     use_cache: bool = True
+
+    def __post_init__(self):
+        """Each option in its range, or one clear error naming it (a bad value must not reach a kernel)."""
+        problems = []
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            problems.append(f"temperature must be a positive number, got {self.temperature} (greedy decoding is "
+                            "strategy greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            problems.append(f"top_k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.num_beams < 1:
+            problems.append(f"num_beams must be at least 1, got {self.num_beams}")
+        if not math.isfinite(self.length_penalty):
+            problems.append(f"length_penalty must be a finite number, got {self.length_penalty}")
+        if problems:
+            raise UserError("; ".join(problems))
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -84,8 +104,6 @@ def generate(model: LanguageModel, prompts: list[list[int]], strategy: Strategy 
         return [beam_search(model, prompt, options) for prompt in prompts]
     if strategy not in ("greedy", "sample"):
         raise ValueError(f"unknown strategy {strategy!r}; choose greedy, sample or beam")
-    if strategy == "sample" and options.temperature <= 0:
-        raise ValueError("temperature must be positive; use strategy='greedy' for argmax decoding")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     input_ids, attention_mask = left_pad(prompts, pad_id)
     cache = model.new_cache() if options.use_cache else None
@@ -170,10 +188,15 @@ def perplexity(model: LanguageModel, tokens: list[int], window: int | None = Non
     """exp of the mean next-token loss over tokens[1:]. A text longer than `window` (default: the model's context)
     is scored `stride` targets at a time (default window // 2), each with the up to `window` tokens before it: every
     token is scored once, with at least window - stride tokens of context."""
-    window = window or model.backbone.config.max_position_embeddings
+    positions = model.backbone.config.max_position_embeddings
+    window = window or positions
+    if not 2 <= window <= positions:
+        raise UserError(f"the window must be between 2 and the model's {positions} positions, got {window}")
+    if stride is not None and stride < 1:
+        raise UserError(f"the stride must be at least 1, got {stride}")
     stride = min(stride or max(1, window // 2), window - 1)
-    if len(tokens) < 2 or window < 2:
-        raise ValueError("perplexity needs at least two tokens and a window of at least two")
+    if len(tokens) < 2:
+        raise UserError("perplexity needs a text of at least two tokens")
     ids = torch.tensor(tokens)
     total, scored = 0.0, 1
     while scored < len(tokens):

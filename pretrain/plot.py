@@ -18,11 +18,15 @@ def read_metrics(run_dir: Path) -> dict[str, dict[int, float]]:
                         "(its trainer.default_root_dir)")
     columns: dict[str, dict[int, float]] = {}
     for path in files:
-        with path.open(newline="") as file:
-            for row in csv.DictReader(file):
-                for name, value in row.items():
-                    if name not in ("step", "epoch") and value not in ("", None):
-                        columns.setdefault(name, {})[int(row["step"])] = float(value)
+        try:
+            with path.open(newline="", encoding="utf-8") as file:
+                for row in csv.DictReader(file):
+                    for name, value in row.items():
+                        if name not in ("step", "epoch") and value not in ("", None):
+                            columns.setdefault(name, {})[int(row["step"])] = float(value)
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+            raise UserError(f"{path} is not a metrics.csv of pretrain fit ({type(error).__name__}: {error}); give the "
+                            "run directory of pretrain fit") from error
     return columns
 
 

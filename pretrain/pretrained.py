@@ -10,6 +10,7 @@ import dataclasses
 import json
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,12 +127,26 @@ class Pretrained:
                             "needs a model pretrained with CausalLM, e.g. configs/gpt2-small.yaml")
         return LanguageModel(self.model.backbone, self.model.heads["clm"])
 
+    def room(self, prompts: list[str]) -> int:
+        """How many tokens the longest of these prompts leaves for generation within the model's positions."""
+        return self.config.max_position_embeddings - max(len(row) for row in self.tokenize(prompts))
+
     @torch.no_grad()
     def generate(self, prompts: list[str] | str, strategy: Strategy = "greedy", seed: int | None = None,
                  **settings) -> list[str]:
         """Each prompt's continuation as text (`pretrain.generate.Settings`: max_new_tokens, temperature, top_k,
-        top_p, num_beams, length_penalty, ...); stops at the tokenizer's end-of-text token."""
+        top_p, num_beams, length_penalty, ...); stops at the tokenizer's end-of-text token, or where the model's
+        positions end (with a warning, if that is before max_new_tokens)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        room = self.room(prompts)
+        if room < 1:
+            raise UserError(f"a prompt fills all {self.config.max_position_embeddings} positions of the model: "
+                            "shorten it")
+        wanted = settings.get("max_new_tokens", 32)
+        if isinstance(wanted, int) and wanted > room:
+            warnings.warn(f"generating {room} new tokens, not {wanted}: the prompt and the continuation must fit the "
+                          f"model's {self.config.max_position_embeddings} positions", stacklevel=2)
+            settings["max_new_tokens"] = room
         ids = [row or [self.special.eos if self.special.eos is not None else 0] for row in self.tokenize(prompts)]
         settings.setdefault("eos_id", self.special.eos)
         new = generate(self.language_model(), ids, strategy, pad_id=self.pad_id, seed=seed, **settings)
@@ -142,8 +157,6 @@ class Pretrained:
         """(token-level perplexity, number of tokens) of `text` as one sequence, scored with a sliding window of up
         to the model's context (`pretrain.generate.perplexity`)."""
         tokens = self.tokenizer.encode(text, add_special_tokens=False).ids
-        if len(tokens) < 2:
-            raise UserError("perplexity needs a text of at least two tokens")
         return perplexity(self.language_model(), tokens, window, stride), len(tokens)
 
     def save(self, directory: str | Path) -> None:
@@ -163,7 +176,15 @@ class Pretrained:
 
         from models import to_hf
 
-        to_hf(self.model).save_pretrained(directory)
+        model = to_hf(self.model)
+        ids = {"pad_token_id": self.special.pad}  # the tokenizer's own ids, not the family's defaults (GPT-2: 50256)
+        if self.config.causal:  # GPT-2 begins and ends texts with its one end-of-text token
+            ids |= {"bos_token_id": self.special.eos, "eos_token_id": self.special.eos}
+        for config in (model.config, getattr(model, "generation_config", None)):
+            if config is not None:
+                for key, value in ids.items():
+                    setattr(config, key, value)
+        model.save_pretrained(directory)
         names = {role: self.tokenizer.id_to_token(i) for role, i in dataclasses.asdict(self.special).items()
                  if i is not None}
         roles = {"pad": "pad_token", "unk": "unk_token", "cls": "cls_token", "sep": "sep_token",

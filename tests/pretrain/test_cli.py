@@ -193,10 +193,42 @@ def test_generate_and_evaluate_commands(tmp_path):
     process = run_cli("generate", str(tmp_path / "model"), "--prompt", "the king", "--prompt", "the", "--strategy",
                       "beam", "--num-beams", "2", "--max-new-tokens", "4")
     assert process.returncode == 0 and process.stdout.count("--- ") == 2
-    for arguments, message in [(["--strategy", "sample", "--temperature", "0"], "--temperature must be positive"),
-                               (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1")]:
+    for arguments, message in [(["--strategy", "sample", "--temperature", "0"], "--temperature must be a positive"),
+                               (["--temperature", "nan"], "--temperature must be a positive number, got nan"),
+                               (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+                               (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+                               (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+                               (["--top-p", "-1"], "--top-p must be in (0, 1]"),
+                               (["--top-k", "-3"], "--top-k must be at least 1, got -3"),
+                               (["--num-beams", "0"], "--num-beams must be at least 1, got 0"),
+                               (["--prompt", "the " * 40], "a prompt fills all 32 positions")]:
         process = run_cli("generate", str(tmp_path / "model"), "--prompt", "the", *arguments)
-        assert process.returncode == 2 and message in process.stderr and "Traceback" not in process.stderr
+        assert process.returncode == 2 and message in process.stderr and "Traceback" not in process.stderr, message
+    # 32 positions, a prompt of 2 tokens and 64 new tokens asked: 30 are made, and the user is told
+    process = run_cli("generate", str(tmp_path / "model"), "--prompt", "the king", "--max-new-tokens", "64")
+    assert process.returncode == 0 and "generating 30 new tokens, not 64" in process.stderr
+    assert len(model.tokenizer.encode(process.stdout.strip(), add_special_tokens=False).ids) >= 30
+    for window in ("1000", "1"):
+        process = run_cli("evaluate-lm", str(tmp_path / "model"), "--data", str(text), "--window", window)
+        assert process.returncode == 2 and f"--window {window} does not fit the model's 32 positions" in \
+            process.stderr and "Traceback" not in process.stderr
+
+
+def test_a_hugging_face_gpt2_export_carries_the_tokenizers_own_ids(tmp_path):
+    import transformers
+
+    from pretrain.pretrained import Pretrained, model_with_heads
+    from pretrain.tokenizer import special_ids, train_tokenizer
+    from tests.helpers import tiny_config
+
+    tokenizer = train_tokenizer(["the king walks to the hall."] * 50, "bpe", 300)
+    config = tiny_config(vocab_size=tokenizer.get_vocab_size(), causal=True, norm_position="pre", type_vocab_size=0)
+    Pretrained(model_with_heads(config, ["clm"]), tokenizer).save_hf(tmp_path / "hf")
+    eos, pad = special_ids(tokenizer).eos, special_ids(tokenizer).pad
+    hf = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (eos, eos, pad) and eos < 300
+    assert (generation.bos_token_id, generation.eos_token_id) == (eos, eos)
 
 
 def test_plot_draws_one_panel_per_objective(tmp_path):
@@ -214,6 +246,10 @@ def test_plot_draws_one_panel_per_objective(tmp_path):
     assert sorted(read_metrics(tmp_path)["train/mlm_loss"]) == list(range(10))
     process = run_cli("plot", str(tmp_path / "logs" / "nothing"))
     assert process.returncode == 2 and "no metrics.csv" in process.stderr
+    (tmp_path / "logs" / "version_0" / "metrics.csv").write_bytes(b"epoch,step,train/loss\n0,1,\xff\xfe\n")
+    process = run_cli("plot", str(tmp_path), "-o", str(tmp_path / "curves.png"))
+    assert process.returncode == 2 and "is not a metrics.csv of pretrain fit" in process.stderr
+    assert "Traceback" not in process.stderr
 
 
 def test_training_logs_tokens_per_second(tmp_path):

@@ -141,7 +141,7 @@ def test_bad_settings():
         LanguageModel(Transformer(TransformerConfig.preset("bert-tiny")), None)
     with pytest.raises(ValueError, match="unknown strategy"):
         generate(Bigram(), [[0]], "nucleus")
-    with pytest.raises(ValueError, match="temperature must be positive"):
+    with pytest.raises(ValueError, match="temperature must be a positive number"):
         generate(Bigram(), [[0]], "sample", temperature=0.0)
     with pytest.raises(ValueError, match="at least one token"):
         generate(Bigram(), [[]], "greedy")
