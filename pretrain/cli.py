@@ -209,11 +209,17 @@ def evaluate_command(args: argparse.Namespace) -> None:
 LIGHTNING_COMMANDS = ("fit", "validate")
 
 
-def lightning_cli(argv: list[str], run: bool = True):
+class _Parsed(Exception):
+    def __init__(self, config):
+        self.config = config
+
+
+def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
     """`pretrain fit -c recipe.yaml [--section.key value ...]`: LightningCLI over PretrainingModule and
     PretrainingDataModule. A run directory (`trainer.default_root_dir`) holds `checkpoints/` (last.ckpt, for
     `--ckpt_path last`) and `logs/version_N/` (CSV and TensorBoard logs and the resolved config.yaml, one version
-    per fit or resume). With run=False (argv without the subcommand) the recipe is only parsed and its classes built."""
+    per fit or resume). With run=False (argv without the subcommand) the recipe is only parsed and its classes built;
+    with parse_only, the resolved config is returned before anything is built (files need not exist)."""
     from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
     from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -259,6 +265,8 @@ def lightning_cli(argv: list[str], run: bool = True):
                     check_recipe(saved_recipe(path), config.as_dict(), path)
 
         def before_instantiate_classes(self) -> None:
+            if parse_only:
+                raise _Parsed(self.config)
             config = self.config[self.subcommand] if self.subcommand else self.config
             self.run_dir = Path(config.trainer.default_root_dir or ".")
             config.checkpoint.dirpath = str(config.checkpoint.dirpath or self.run_dir / "checkpoints")
@@ -286,9 +294,12 @@ def lightning_cli(argv: list[str], run: bool = True):
             kwargs["enable_checkpointing"] = False
             return super().instantiate_trainer(**kwargs)
 
-    return PretrainCLI(PretrainingModule, PretrainingDataModule, args=None if argv == sys.argv[1:] else argv,
-                       save_config_callback=SaveConfig, save_config_kwargs={"overwrite": False},
-                       seed_everything_default=0, run=run)
+    try:
+        return PretrainCLI(PretrainingModule, PretrainingDataModule, args=None if argv == sys.argv[1:] else argv,
+                           save_config_callback=SaveConfig, save_config_kwargs={"overwrite": False},
+                           seed_everything_default=0, run=run)
+    except _Parsed as parsed:
+        return parsed.config
 
 
 def main(argv: list[str] | None = None) -> int:

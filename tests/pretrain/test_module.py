@@ -165,3 +165,22 @@ def test_compiled_training_matches_eager(recipe):
     assert all(torch.allclose(eager_state[k], compiled_state[k], atol=1e-5) for k in eager_state)
     assert eager_losses[-1] < eager_losses[0]  # the steps did train
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("make", [lambda: MaskedLM(), lambda: ReplacedTokenDetection()], ids=["mlm", "rtd"])
+def test_a_model_vocabulary_larger_than_the_tokenizers_is_said_and_replacements_stay_in_the_tokenizers(make,
+                                                                                                    tmp_path):
+    from pretrain.tokenizer import load_tokenizer, train_tokenizer
+
+    texts = [f"the {w} walks to the {v}." for w in ("king", "queen", "fool") for v in ("hall", "gate", "sea")]
+    train_tokenizer(texts * 20, "wordpiece", 100).save(str(tmp_path / "tokenizer.json"))
+    with pytest.warns(UserWarning, match=r"model's vocab_size \(500\) is larger than the tokenizer's vocabulary"):
+        module = PretrainingModule(tiny_config(vocab_size=500), [make()], tokenizer=str(tmp_path / "tokenizer.json"))
+    masking = module.objectives[0]
+    masking = masking.generator_mlm if isinstance(masking, ReplacedTokenDetection) else masking
+    size = masking.vocab_size
+    assert size == load_tokenizer(tmp_path / "tokenizer.json").get_vocab_size() <= 100
+    batch = {"input_ids": torch.randint(5, size, (64, 32))}
+    corrupted = masking.corrupt(batch, torch.Generator().manual_seed(0))["input_ids"]
+    changed = corrupted != batch["input_ids"]
+    assert changed.any() and int(corrupted.max()) < size  # never an id the tokenizer does not make

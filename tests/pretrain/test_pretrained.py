@@ -75,3 +75,17 @@ def test_export_command_errors_are_one_line_and_overwrite_nothing(tokenizer, tmp
         process = run_cli("export", *arguments)
         assert process.returncode == 2 and message in process.stderr and "Traceback" not in process.stderr
     assert not (tmp_path / "out").exists() and (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_a_tokenizer_with_fixed_padding_encodes_and_predicts_real_tokens_only(tokenizer, tmp_path):
+    from tokenizers import Tokenizer
+
+    padded = Tokenizer.from_str(tokenizer.to_str())
+    padded.enable_padding(length=24, pad_id=0, pad_token="[PAD]")
+    plain, with_padding = pretrained(tokenizer), pretrained(padded)
+    with_padding.model.load_state_dict(plain.model.state_dict())
+    texts = ["the fool", "the king of the realm is a."]
+    assert with_padding.tokenize(texts) == plain.tokenize(texts) and len(plain.tokenize(texts)[0]) < 24
+    assert torch.equal(with_padding.encode(texts).hidden_states, plain.encode(texts).hidden_states)
+    lengths = [len(ids) for ids, _ in with_padding.tokenize_pairs(texts, None, 16)]
+    assert lengths == [len(ids) for ids in plain.tokenize(texts)] and max(lengths) < 16
