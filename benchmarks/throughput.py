@@ -5,13 +5,15 @@
 
 Rows: bert-base (MLM + NSP, T = 128), electra-small (RTD, T = 128), albert-base (MLM + SOP, T = 512), gpt2-small
 (CLM, T = 1024); CPU mode keeps each family's vocabulary and objectives but uses 2 layers of width 128 and shorter
-sequences. One step = forward, loss, backward, AdamW step, zero_grad. Ours: `PretrainingModule` as `pretrain fit`
+sequences. One step = forward, loss, backward, gradient-norm clipping at 1.0, AdamW step (fused where torch has it:
+CPU and CUDA), zero_grad. Ours: `PretrainingModule` as `pretrain fit`
 runs it (its corruption included in the step; the MLM output layer only at the masked positions; with --compile,
-its `compile=True`: backbone, heads and losses compiled, corruption eager). Hugging Face:
+its `compile=True`: backbone, heads and losses compiled, corruption eager; and the non-finite guard, decided on the
+device). Hugging Face:
 BertForPreTraining, AlbertForPreTraining, GPT2LMHeadModel, and for ELECTRA a straightforward generator
 (ElectraForMaskedLM, sharing the discriminator's embeddings) + discriminator (ElectraForPreTraining) loop; masks are
 prepared outside its timed step (as a data collator would). Both sides: SDPA attention (Hugging Face's default),
-the same config, batch and precision; on GPU fused AdamW and torch.compile for both.
+the same config, batch and precision; on GPU torch.compile for both.
 
 MFU = tokens/s x FLOPs per token / peak FLOP/s, with the model's FLOPs per token = 6 N + 12 L H T (PaLM appendix
 B, nanoGPT), the same for both sides: N = the parameters used in matrix products once per token (all but the
@@ -37,7 +39,7 @@ from objectives import CausalLM, MaskedLM, NextSentencePrediction, ReplacedToken
 from objectives.masking import mask_tokens
 from objectives.rtd import generator_config
 from pretrain.module import PretrainingModule
-from pretrain.optim import build_optimizer
+from pretrain.optim import build_optimizer, skip_if_not_finite
 from pretrain.speed import model_flops_per_token
 
 PAD, UNK, CLS, SEP, MASK = 0, 100, 101, 102, 103
@@ -96,10 +98,16 @@ def ours_step(row: Row, config: TransformerConfig, batch: dict, length: int, dev
     optimizer = build_optimizer("adamw", module, 1e-4, 0.01, (0.9, 0.999), 1e-6)
     generator = torch.Generator(device=device)
 
+    parameters = [p for p in module.parameters() if p.requires_grad]
+
     def step():
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             loss, _ = module(batch, generator)
         loss.backward()
+        # what pretrain fit does before each step (PretrainingModule.configure_gradient_clipping, with the full
+        # recipes' gradient_clip_val 1.0): the norm, clipped, and the non-finite guard decided on the device
+        norm = torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        skip_if_not_finite(optimizer, parameters, ~norm.isfinite())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -107,7 +115,7 @@ def ours_step(row: Row, config: TransformerConfig, batch: dict, length: int, dev
 
 
 def hf_step(row: Row, config: TransformerConfig, batch: dict, device: torch.device, compile: bool):
-    fused = device.type == "cuda"
+    fused = device.type in ("cpu", "cuda")  # as build_optimizer
     generator = torch.Generator(device=device).manual_seed(0)
     if row.preset.startswith("gpt2"):
         model = transformers.GPT2LMHeadModel(hf_config_for(config, "gpt2"))
@@ -155,6 +163,7 @@ def hf_step(row: Row, config: TransformerConfig, batch: dict, device: torch.devi
                                token_type_ids=batch["token_type_ids"], labels=labels,
                                **{order: batch["next_sentence_label"]}).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(parameters.values()), 1.0)  # as the Hugging Face Trainer does
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
