@@ -219,7 +219,8 @@ def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
     PretrainingDataModule. A run directory (`trainer.default_root_dir`) holds `checkpoints/` (last.ckpt, for
     `--ckpt_path last`) and `logs/version_N/` (CSV and TensorBoard logs and the resolved config.yaml, one version
     per fit or resume). With run=False (argv without the subcommand) the recipe is only parsed and its classes built;
-    with parse_only, the resolved config is returned before anything is built (files need not exist)."""
+    with parse_only, the resolved config is returned before anything is built or read (files, checkpoints and run
+    directories need not exist)."""
     from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
     from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -250,7 +251,7 @@ def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
             overrides): resolve `last` to this run's last.ckpt, verify the file, and compare this run's recipe with
             the checkpoint's (architecture changes refused, the rest said), before anything is built."""
             subcommand = self.config.get("subcommand")
-            if subcommand not in LIGHTNING_COMMANDS:
+            if subcommand not in LIGHTNING_COMMANDS or parse_only:
                 return
             config = self.config[subcommand]
             if config.get("weights_only") is False:
