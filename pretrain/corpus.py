@@ -123,9 +123,9 @@ def load_corpus(
     over a large corpus is not free.
 
     Text files give a document per block between blank (or whitespace-only) lines (`documents_by="paragraph"`) or
-    per line (`text_documents`); JSONL, CSV
-    (TSV) and Parquet files give a document per row from `text_field`; a directory written by `save_to_disk` gives its
-    rows. Invalid UTF-8 is decoded with replacement characters and counted in a warning.
+    per line (see `text_documents`); JSONL, CSV (TSV) and Parquet files give a document per row from `text_field`; a
+    directory written by `save_to_disk` gives its rows. Invalid UTF-8 is decoded with replacement characters and
+    counted in a warning; files that are not text are refused or skipped (see `resolve_files`).
     """
     files = resolve_files(patterns)
     parts = [_load_one(path, text_field, documents_by, cache_dir, streaming) for path in files]
