@@ -26,7 +26,7 @@ DEFAULT_FILES = [str(SHARED / name) for name in ("train.jsonl", "test.jsonl", "u
 
 OURS = """
 import sys, json
-from pretrain.datamodule import PretrainingDataModule
+from pretrain.data.datamodule import PretrainingDataModule
 files, tokenizer, max_length, num_proc, cache = json.loads(sys.argv[1])
 data = PretrainingDataModule(files, tokenizer, layout="stream", max_length=max_length, validation_fraction=0.0,
                              num_proc=num_proc, cache_dir=cache)
@@ -114,8 +114,8 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as work:
-        from pretrain.corpus import load_corpus
-        from pretrain.tokenizer import train_tokenizer
+        from pretrain.data.corpus import load_corpus
+        from pretrain.data.tokenizer import train_tokenizer
 
         tokenizer_path = str(Path(work) / "tokenizer.json")
         train_tokenizer(load_corpus(args.files[:1], cache_dir=Path(work) / "untimed")["text"], "wordpiece",

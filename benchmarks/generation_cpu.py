@@ -12,7 +12,7 @@ import time
 import torch
 
 from models import Transformer, TransformerConfig, make_head
-from pretrain.generate import LanguageModel, generate
+from pretrain.downstream.generate import LanguageModel, generate
 
 
 def main() -> None:

@@ -38,9 +38,9 @@ from models.hf import hf_config_for
 from objectives import CausalLM, MaskedLM, NextSentencePrediction, ReplacedTokenDetection, SentenceOrderPrediction
 from objectives.masking import mask_tokens
 from objectives.rtd import generator_config
-from pretrain.module import PretrainingModule
-from pretrain.optim import build_optimizer, skip_if_not_finite
-from pretrain.speed import model_flops_per_token
+from pretrain.training.module import PretrainingModule
+from pretrain.training.optim import build_optimizer, skip_if_not_finite
+from pretrain.training.speed import model_flops_per_token
 
 PAD, UNK, CLS, SEP, MASK = 0, 100, 101, 102, 103
 SPECIAL = [PAD, UNK, CLS, SEP, MASK]

@@ -13,7 +13,7 @@ IS_NEXT, NOT_NEXT = 0, 1  # the Hugging Face convention for next_sentence_label
 
 class NextSentencePrediction(Objective):
     """Binary classification on [CLS]; the pairs and `next_sentence_label` (B,) come from the data module's "pairs"
-    layout (`pretrain.preprocess.build_pairs`: half of the B segments from another document)."""
+    layout (`pretrain.data.pairs.build_pairs`: half of the B segments from another document)."""
 
     name = "nsp"
     pair_task = True

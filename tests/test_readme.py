@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.cli import LIGHTNING_COMMANDS, lightning_cli, parser
+from pretrain.cli import parser
+from pretrain.training.cli import LIGHTNING_COMMANDS, lightning_cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

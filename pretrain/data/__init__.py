@@ -1,5 +1,2 @@
-"""Sample data bundled with the package: tiny Shakespeare (public domain), the quickstart corpus."""
-
-from pathlib import Path
-
-BUNDLED_CORPUS = Path(__file__).parent / "tiny_shakespeare.txt"
+"""The data pipeline: corpus reading, tokenizers, the examples cache, packing into blocks, sentence pairs, streaming,
+and the Lightning data module that ties them together."""

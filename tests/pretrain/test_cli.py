@@ -11,9 +11,10 @@ from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 
 import pretrain
 from models import TransformerConfig
-from pretrain.checkpoints import Checkpoints
-from pretrain.cli import lightning_cli, main
-from pretrain.data import BUNDLED_CORPUS
+from pretrain.cli import main
+from pretrain.sample import BUNDLED_CORPUS
+from pretrain.training.checkpoints import Checkpoints
+from pretrain.training.cli import lightning_cli
 from tests.helpers import run_cli
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -177,8 +178,8 @@ def test_quickstart_recipe_learns_and_reports(tmp_path, capsys):
 
 
 def test_generate_and_evaluate_commands(tmp_path, capsys):
-    from pretrain.pretrained import Pretrained, model_with_heads
-    from pretrain.tokenizer import train_tokenizer
+    from pretrain.data.tokenizer import train_tokenizer
+    from pretrain.downstream.pretrained import Pretrained, model_with_heads
     from tests.helpers import tiny_config
 
     texts = [f"the {w} walks to the {v}." for w in ("king", "queen", "fool", "page") for v in ("hall", "gate")]
@@ -219,8 +220,8 @@ def test_generate_and_evaluate_commands(tmp_path, capsys):
 def test_a_hugging_face_gpt2_export_carries_the_tokenizers_own_ids(tmp_path):
     import transformers
 
-    from pretrain.pretrained import Pretrained, model_with_heads
-    from pretrain.tokenizer import special_ids, train_tokenizer
+    from pretrain.data.tokenizer import special_ids, train_tokenizer
+    from pretrain.downstream.pretrained import Pretrained, model_with_heads
     from tests.helpers import tiny_config
 
     tokenizer = train_tokenizer(["the king walks to the hall."] * 50, "bpe", 300)
@@ -243,7 +244,7 @@ def test_plot_draws_one_panel_per_objective(tmp_path):
     process = run_cli("plot", str(tmp_path), "-o", str(tmp_path / "curves.png"))
     assert process.returncode == 0 and "loss curves of mlm, nsp" in process.stdout
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from pretrain.plot import read_metrics
+    from pretrain.training.plot import read_metrics
 
     assert sorted(read_metrics(tmp_path)["train/mlm_loss"]) == list(range(10))
     process = run_cli("plot", str(tmp_path / "logs" / "nothing"))

@@ -5,10 +5,10 @@ import pytorch_lightning as pl
 
 from models import TransformerConfig
 from objectives import CausalLM, MaskedLM, NextSentencePrediction, ReplacedTokenDetection, SentenceOrderPrediction
-from pretrain.data import BUNDLED_CORPUS
-from pretrain.datamodule import PretrainingDataModule
-from pretrain.module import PretrainingModule
-from pretrain.tokenizer import check_vocabulary, special_ids, train_tokenizer
+from pretrain.data.datamodule import PretrainingDataModule
+from pretrain.data.tokenizer import check_vocabulary, special_ids, train_tokenizer
+from pretrain.sample import BUNDLED_CORPUS
+from pretrain.training.module import PretrainingModule
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ from torchmetrics.aggregation import MeanMetric
 from models import Transformer, TransformerConfig
 from objectives import Batch, Objective, ObjectiveOutput, TokenIds, check_combination
 from objectives.base import backbone_inputs
+from pretrain.data.tokenizer import check_vocabulary, load_tokenizer, special_ids
 from pretrain.errors import UserError
-from pretrain.optim import OptimizerName, ScheduleName, build_optimizer, schedule_factor, skip_if_not_finite
-from pretrain.tokenizer import check_vocabulary, load_tokenizer, special_ids
+from pretrain.training.optim import OptimizerName, ScheduleName, build_optimizer, schedule_factor, skip_if_not_finite
 
 # Settings a resumed run may change (applied to the restored optimizer and schedule, and said); the architecture,
 # the objectives, the optimizer's kind and the tokenizer may not.

@@ -111,7 +111,7 @@ def train_tokenizer_on_files(
 ) -> tuple[Tokenizer, int]:
     """Train on corpus files (see `pretrain.corpus.load_corpus`) and save to `target`, a tokenizer.json path that
     must not exist yet. Returns the tokenizer and the number of documents it was trained on."""
-    from pretrain.corpus import load_corpus
+    from pretrain.data.corpus import load_corpus
 
     target = Path(target)
     if target.exists():

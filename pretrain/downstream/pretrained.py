@@ -1,5 +1,6 @@
 """A trained model with its tokenizer, from a Lightning checkpoint, an export directory or a Hugging Face directory:
-`pretrain.load(path)`; `export` writes the portable directory (or a Hugging Face one) that `load` reads back.
+`pretrain.load(path)`; `Pretrained.save` writes the portable directory (see `pretrain.downstream.export`) that `load`
+reads back.
 
 Nothing here unpickles code: weights come from safetensors files, and checkpoints are read with weights_only=True.
 """
@@ -8,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,36 +16,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_model
 from tokenizers import Tokenizer
-from torch import Tensor, nn
+from torch import Tensor
 
 from models import ModelWithHeads, Transformer, TransformerConfig, make_head
 from pretrain import __version__
-from pretrain.checkpoints import read_checkpoint
+from pretrain.data.tokenizer import load_tokenizer, plain, special_ids
+from pretrain.downstream.generate import LanguageModel, Strategy, generate, perplexity
+from pretrain.downstream.inputs import pad_pairs, right_pad, task_output
 from pretrain.errors import UserError
-from pretrain.generate import LanguageModel, Strategy, generate, perplexity
-from pretrain.tokenizer import load_tokenizer, plain, special_ids
+from pretrain.training.checkpoints import read_checkpoint
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
-
-
-def right_pad(rows: list[list[int]], value: int) -> Tensor:
-    """Rows of different lengths as one (B, T_max) tensor, padded on the right with `value`."""
-    width = max(len(row) for row in rows)
-    return torch.tensor([list(row) + [value] * (width - len(row)) for row in rows], dtype=torch.long)
-
-
-def pad_pairs(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Tensor]:
-    """(ids, segment ids) rows as input_ids, token_type_ids and attention_mask (B, T_max)."""
-    return {"input_ids": right_pad([ids for ids, _ in rows], pad_id),
-            "token_type_ids": right_pad([types for _, types in rows], 0),
-            "attention_mask": right_pad([[1] * len(ids) for ids, _ in rows], 0)}
-
-
-def task_output(backbone: Transformer, head: nn.Module, batch: dict[str, Tensor], regression: bool) -> Tensor:
-    """A task head on [CLS]: logits (B, labels), or (B,) values for regression."""
-    types = batch["token_type_ids"] if backbone.config.type_vocab_size else None
-    logits = head(backbone(batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=types))
-    return logits.squeeze(-1) if regression else logits
 
 
 @dataclass
@@ -272,26 +252,3 @@ def load(path: str | Path) -> Pretrained:
                         "Face model directory")
     config = json.loads((path / CONFIG_FILE).read_text())
     return from_export(path, config) if config.get("format") == "pretrain" else from_hf_directory(path)
-
-
-def export(checkpoint: str | Path, out: str | Path, format: str = "native") -> Path:
-    """Write `checkpoint`'s model and tokenizer to the new directory `out` ("native" for `pretrain.load`, "hf" for
-    transformers). Written to a temporary directory first: `out` appears complete or not at all."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not empty: choose a new directory")
-    if format not in ("native", "hf"):
-        raise UserError(f"unknown format {format!r}: native or hf")
-    pretrained = load(checkpoint)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        pretrained.save(staging) if format == "native" else pretrained.save_hf(staging)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except ValueError as error:  # a variant without a Hugging Face equivalent: the message names the field
-        raise UserError(f"cannot export to Hugging Face: {error}") from error
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models import Transformer
-from pretrain.optim import Lamb, build_optimizer, parameter_groups, schedule_factor
+from pretrain.training.optim import Lamb, build_optimizer, parameter_groups, schedule_factor
 
 
 def reference_lamb(x, grads, lr, beta1, beta2, eps, weight_decay):

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from pretrain.datamodule import PretrainingDataModule
-from pretrain.tokenizer import load_tokenizer, train_tokenizer_on_files
+from pretrain.data.datamodule import PretrainingDataModule
+from pretrain.data.tokenizer import load_tokenizer, train_tokenizer_on_files
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 WORDS = "the king and the queen walk to the hall while a fool sings of the sea and the moon".split()
 
 

@@ -1,4 +1,4 @@
-"""Tokenizers, corpus reading, packing, pairs, the cache, streaming and the data module (issue 4)."""
+"""Tokenizers, corpus reading, packing, pairs, the cache, streaming and the data module."""
 
 import json
 import subprocess
@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.corpus import load_corpus
-from pretrain.datamodule import PretrainingDataModule, collate, in_validation
+from pretrain.data.cache import fingerprint
+from pretrain.data.corpus import load_corpus
+from pretrain.data.datamodule import PretrainingDataModule, collate, in_validation
+from pretrain.data.packing import pack_stream
+from pretrain.data.pairs import build_pairs
+from pretrain.data.tokenizer import check_vocabulary, load_tokenizer, special_ids, train_tokenizer
 from pretrain.errors import UserError
-from pretrain.preprocess import build_pairs, fingerprint, pack_stream
-from pretrain.tokenizer import check_vocabulary, load_tokenizer, special_ids, train_tokenizer
+from pretrain.sample import BUNDLED_CORPUS as SHAKESPEARE
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "pretrain" / "data" / "tiny_shakespeare.txt"
+SHARED = Path(__file__).resolve().parents[4] / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +128,7 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
 
 def test_whitespace_only_lines_separate_documents(tmp_path):
     """WikiText's blank lines hold a single space; \r\n line ends; a separator may fall across a read chunk."""
-    from pretrain.corpus import text_documents
+    from pretrain.data.corpus import text_documents
 
     (tmp_path / "wiki.txt").write_bytes(b" \n = Title = \n \n First paragraph .\r\nstill first .\n\t \n\n Second .\n")
     assert load_corpus([tmp_path / "wiki.txt"])["text"] == ["= Title =", "First paragraph .\nstill first .",
@@ -295,7 +297,7 @@ def test_second_run_tokenizes_nothing_and_inputs_change_the_fingerprint(tmp_path
     corpus = write_documents(tmp_path / "corpus.txt", [f"document number {i}. it has words." for i in range(50)])
     first = module(corpus, tokenizer_path, tmp_path)
     first.setup()
-    import pretrain.datamodule as datamodule
+    import pretrain.data.datamodule as datamodule
 
     def fail(*args, **kwargs):
         raise AssertionError("tokenized again")
@@ -315,7 +317,7 @@ def test_second_run_tokenizes_nothing_and_inputs_change_the_fingerprint(tmp_path
 
 
 def test_interrupted_cache_is_not_trusted(tmp_path, tokenizer_path):
-    from pretrain.preprocess import cached_arrays
+    from pretrain.data.cache import cached_arrays
 
     def broken():
         raise KeyboardInterrupt

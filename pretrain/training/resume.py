@@ -9,9 +9,9 @@ from typing import Any
 
 import yaml
 
-from pretrain.checkpoints import LAST, check_checkpoint_file
 from pretrain.errors import UserError
-from pretrain.module import OPTIMIZER_SETTINGS
+from pretrain.training.checkpoints import LAST, check_checkpoint_file
+from pretrain.training.module import OPTIMIZER_SETTINGS
 
 # Recipe keys whose change a resumed run refuses (the weights and the optimizer state would not fit), and sections
 # whose changes are applied and said; anything else (trainer, checkpoint, ckpt_path, ...) changes silently.

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from pretrain.preprocess import pack_stream, token_columns
+from pretrain.data.packing import pack_stream, token_columns
 
 
 def shard(role: int | None = None) -> tuple[int, int]:

@@ -5,7 +5,7 @@ import pytorch_lightning as pl
 import torch
 
 from objectives import CausalLM, MaskedLM, NextSentencePrediction, ReplacedTokenDetection, SentenceOrderPrediction
-from pretrain.module import PretrainingModule
+from pretrain.training.module import PretrainingModule
 from tests.helpers import MASK, SPECIAL_IDS, pair_batch, stream_batch, tiny_config
 
 
@@ -170,7 +170,7 @@ def test_compiled_training_matches_eager(recipe):
 @pytest.mark.parametrize("make", [lambda: MaskedLM(), lambda: ReplacedTokenDetection()], ids=["mlm", "rtd"])
 def test_a_model_vocabulary_larger_than_the_tokenizers_is_said_and_replacements_stay_in_the_tokenizers(make,
                                                                                                     tmp_path):
-    from pretrain.tokenizer import load_tokenizer, train_tokenizer
+    from pretrain.data.tokenizer import load_tokenizer, train_tokenizer
 
     texts = [f"the {w} walks to the {v}." for w in ("king", "queen", "fool") for v in ("hall", "gate", "sea")]
     train_tokenizer(texts * 20, "wordpiece", 100).save(str(tmp_path / "tokenizer.json"))

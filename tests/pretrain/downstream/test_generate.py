@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import LMHead, Transformer, TransformerConfig
-from pretrain.generate import LanguageModel, filter_logits, generate, sequence_log_probability
+from pretrain.downstream.generate import LanguageModel, filter_logits, generate, sequence_log_probability
 
 VOCAB = 24
 
@@ -148,7 +148,7 @@ def test_bad_settings():
 
 
 def test_perplexity_equals_exp_of_the_mean_loss(model):
-    from pretrain.generate import perplexity
+    from pretrain.downstream.generate import perplexity
 
     torch.manual_seed(1)
     tokens = torch.randint(0, VOCAB, (30,)).tolist()

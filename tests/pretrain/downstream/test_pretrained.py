@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import pretrain
+from pretrain.data.tokenizer import train_tokenizer
+from pretrain.downstream.export import export
+from pretrain.downstream.pretrained import Pretrained, model_with_heads
 from pretrain.errors import UserError
-from pretrain.pretrained import Pretrained, export, model_with_heads
-from pretrain.tokenizer import train_tokenizer
 from tests.helpers import run_cli, tiny_config
 
 TEXTS = [f"the {w} of the {v} is {u}." for w in ("king", "queen", "fool") for v in ("realm", "play") for u in "abc"]

@@ -14,14 +14,14 @@ import torch
 
 import pretrain
 from objectives import CausalLM, MaskedLM
-from pretrain.checkpoints import CheckpointWriteError, read_checkpoint, write_atomically
 from pretrain.cli import main
-from pretrain.data import BUNDLED_CORPUS
 from pretrain.errors import UserError
-from pretrain.optim import Lamb, build_optimizer, skip_if_not_finite
+from pretrain.sample import BUNDLED_CORPUS
+from pretrain.training.checkpoints import CheckpointWriteError, read_checkpoint, write_atomically
+from pretrain.training.optim import Lamb, build_optimizer, skip_if_not_finite
 from tests.helpers import run_cli
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
 def fit_arguments(tmp_path: Path, run_dir: Path, recipe: str = "gpt2.yaml", *extra: str) -> list[str]:
@@ -110,7 +110,7 @@ def test_a_diverging_learning_rate_stops_the_run_and_writes_only_finite_checkpoi
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):
-    from pretrain.checkpoints import Checkpoints, UnsafeWeightsError
+    from pretrain.training.checkpoints import Checkpoints, UnsafeWeightsError
 
     class Trainer:  # what Checkpoints.save reads
         global_step, sanity_checking, fast_dev_run, is_global_zero = 3, False, False, True

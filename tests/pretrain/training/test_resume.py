@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from pretrain.cli import main
-from pretrain.data import BUNDLED_CORPUS
+from pretrain.sample import BUNDLED_CORPUS
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
 def fit(recipe: str, run_dir: Path, shared: Path, max_steps: int, *extra: str) -> None:

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import pretrain
+from pretrain.data.tokenizer import train_tokenizer
+from pretrain.downstream.finetune import Settings, finetune
+from pretrain.downstream.pretrained import Pretrained, model_with_heads
+from pretrain.downstream.tasks import GLUE, Task, compute_metrics, glue_task, read_examples
 from pretrain.errors import UserError
-from pretrain.finetune import Settings, finetune
-from pretrain.pretrained import Pretrained, model_with_heads
-from pretrain.tasks import GLUE, Task, compute_metrics, glue_task, read_examples
-from pretrain.tokenizer import train_tokenizer
 from tests.helpers import run_cli, tiny_config
 
 GOOD, BAD = ["good", "great", "fine", "lovely"], ["bad", "awful", "poor", "dull"]
@@ -113,7 +113,7 @@ def test_each_task_type_trains_and_the_best_model_predicts(kind, model_dir, tmp_
 
 
 def test_fine_tuning_trains_with_dropout_on(model_dir, tmp_path, monkeypatch):
-    from pretrain.finetune import FineTuningModule
+    from pretrain.downstream.finetune import FineTuningModule
 
     original, seen = FineTuningModule.training_step, []
 

@@ -15,10 +15,11 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import Tensor, nn
 
 from models import ModelWithHeads, Transformer, make_head
+from pretrain.downstream.inputs import pad_pairs, task_output
+from pretrain.downstream.pretrained import Pretrained, load
+from pretrain.downstream.tasks import Task, compute_metrics, label_ids, read_examples, score
 from pretrain.errors import UserError
-from pretrain.optim import build_optimizer, schedule_factor
-from pretrain.pretrained import Pretrained, load, pad_pairs, task_output
-from pretrain.tasks import Task, compute_metrics, label_ids, read_examples, score
+from pretrain.training.optim import build_optimizer, schedule_factor
 
 
 @dataclass

@@ -12,20 +12,13 @@ import pytorch_lightning as pl
 import torch
 
 from objectives.base import Batch, Layout
-from pretrain.corpus import DocumentsBy, load_corpus, resolve_files
+from pretrain.data.cache import cached_arrays, file_lock, fingerprint
+from pretrain.data.corpus import DocumentsBy, load_corpus, resolve_files
+from pretrain.data.packing import pack_stream, tokenize, tokenized_batches
+from pretrain.data.pairs import build_pairs, sentence_tokens
+from pretrain.data.streaming import StreamingBlocks
+from pretrain.data.tokenizer import TokenizerKind, load_tokenizer, special_ids, train_tokenizer_on_files
 from pretrain.errors import UserError
-from pretrain.preprocess import (
-    build_pairs,
-    cached_arrays,
-    file_lock,
-    fingerprint,
-    pack_stream,
-    sentence_tokens,
-    tokenize,
-    tokenized_batches,
-)
-from pretrain.streaming import StreamingBlocks
-from pretrain.tokenizer import TokenizerKind, load_tokenizer, special_ids, train_tokenizer_on_files
 
 
 def in_validation(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -1,0 +1,93 @@
+"""The examples cache: arrays written once under a fingerprint of their inputs, memory-mapped after, built by one
+process while others wait."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None
+
+
+def fingerprint(files: Iterable[Path], tokenizer: Tokenizer, settings: dict) -> str:
+    """A key for the corpus files (paths, sizes, modification times), the tokenizer and the settings."""
+    digest = hashlib.sha256()
+    for path in files:
+        stat = Path(path).stat()
+        digest.update(f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    digest.update(hashlib.sha256(tokenizer.to_str().encode()).digest())
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created if needed) for the duration of the block: processes that build the same
+    thing (ranks of one run, or runs sharing a cache) take turns, so the first builds and the others find it built.
+    (Where `fcntl` does not exist, no lock.)"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cached_arrays(cache_dir: Path, key: str,
+                  build: Callable[[], Iterable[dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+    """The arrays `build()` yields in parts (rows of each array, in order), written under cache_dir/key part by part
+    and memory-mapped, now and on later calls. Built once: a process that finds another building the same key waits
+    for it (`file_lock`), then reads what it built. The directory is written under a temporary name and renamed
+    when complete, so an interrupted run never leaves a cache that is trusted."""
+    final = Path(cache_dir) / key
+    if not (final / "COMPLETE").is_file():
+        with file_lock(Path(cache_dir) / f".{key}.lock"):
+            if not (final / "COMPLETE").is_file():
+                print(f"building the examples cache {final} (once; later runs read it)", flush=True)
+                partial = Path(cache_dir) / f".{key}.partial-{socket.gethostname()}-{os.getpid()}"
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+                write_arrays(partial, build())
+                (partial / "COMPLETE").write_text("ok\n")
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(partial, final)
+    return load_arrays(final)
+
+
+def write_arrays(directory: Path, parts: Iterable[dict[str, np.ndarray]]) -> None:
+    """Append each part's rows to NAME.bin files; shapes and dtypes go to arrays.json. Memory: one part at a time."""
+    layout: dict[str, dict] = {}
+    files = {}
+    try:
+        for part in parts:
+            for name, rows in part.items():
+                if name not in files:
+                    files[name] = open(directory / f"{name}.bin", "wb")  # noqa: SIM115 (closed below)
+                    layout[name] = {"dtype": rows.dtype.str, "shape": [0, *rows.shape[1:]]}
+                files[name].write(np.ascontiguousarray(rows, dtype=layout[name]["dtype"]).tobytes())
+                layout[name]["shape"][0] += len(rows)
+    finally:
+        for file in files.values():
+            file.close()
+    (directory / "arrays.json").write_text(json.dumps(layout))
+
+
+def load_arrays(directory: Path) -> dict[str, np.ndarray]:
+    layout = json.loads((directory / "arrays.json").read_text())
+    return {name: np.memmap(directory / f"{name}.bin", dtype=spec["dtype"], mode="r", shape=tuple(spec["shape"]))
+            if spec["shape"][0] else np.zeros(spec["shape"], spec["dtype"]) for name, spec in layout.items()}

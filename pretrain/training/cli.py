@@ -1,0 +1,106 @@
+"""`pretrain fit` and `pretrain validate`: LightningCLI over PretrainingModule and PretrainingDataModule, with this
+project's run directory, checkpoints, resume checks and logging."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pretrain.errors import UserError
+
+LIGHTNING_COMMANDS = ("fit", "validate")
+
+
+class _Parsed(Exception):
+    def __init__(self, config):
+        self.config = config
+
+
+def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
+    """`pretrain fit -c recipe.yaml [--section.key value ...]`: LightningCLI over PretrainingModule and
+    PretrainingDataModule. A run directory (`trainer.default_root_dir`) holds `checkpoints/` (last.ckpt, for
+    `--ckpt_path last`) and `logs/version_N/` (CSV and TensorBoard logs and the resolved config.yaml, one version
+    per fit or resume). With run=False (argv without the subcommand) the recipe is only parsed and its classes built;
+    with parse_only, the resolved config is returned before anything is built or read (files, checkpoints and run
+    directories need not exist)."""
+    from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
+    from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    from pretrain.data.datamodule import PretrainingDataModule
+    from pretrain.training.checkpoints import Checkpoints, SafeCheckpointIO
+    from pretrain.training.module import PretrainingModule
+    from pretrain.training.resume import check_recipe, resolve, saved_recipe
+    from pretrain.training.speed import Throughput
+    from pretrain.training.summary import RunSummary
+
+    class SaveConfig(SaveConfigCallback):
+        """Saves config.yaml beside the logs, and the same resolved recipe inside every checkpoint."""
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+            checkpoint["config"] = self.parser.dump(self.config, skip_none=False)
+
+    class PretrainCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # the model reads the tokenizer's special ids once the data module exists (it may train the tokenizer)
+            parser.link_arguments("data", "model.tokenizer", compute_fn=lambda data: data.hparams.tokenizer,
+                                  apply_on="instantiate")
+            parser.add_lightning_class_args(Checkpoints, "checkpoint")
+            parser.add_lightning_class_args(RunSummary, "summary")
+            parser.add_lightning_class_args(Throughput, "throughput")
+
+        def _parse_ckpt_path(self) -> None:
+            """Instead of Lightning's (which replaces the model's settings with the checkpoint's, silently dropping
+            overrides): resolve `last` to this run's last.ckpt, verify the file, and compare this run's recipe with
+            the checkpoint's (architecture changes refused, the rest said), before anything is built."""
+            subcommand = self.config.get("subcommand")
+            if subcommand not in LIGHTNING_COMMANDS or parse_only:
+                return
+            config = self.config[subcommand]
+            if config.get("weights_only") is False:
+                raise UserError("--weights_only false would let a checkpoint run code as it is loaded; pretrain loads "
+                                "checkpoints with weights_only=True only: drop the option")
+            run_dir = Path(config.trainer.default_root_dir or ".")
+            config.checkpoint.dirpath = str(config.checkpoint.dirpath or run_dir / "checkpoints")
+            if subcommand == "fit" or config.ckpt_path is not None:
+                path = resolve(config.ckpt_path, Path(config.checkpoint.dirpath))
+                config.ckpt_path = str(path) if path else None
+                if path is not None and subcommand == "fit":
+                    check_recipe(saved_recipe(path), config.as_dict(), path)
+
+        def before_instantiate_classes(self) -> None:
+            if parse_only:
+                raise _Parsed(self.config)
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            self.run_dir = Path(config.trainer.default_root_dir or ".")
+            config.checkpoint.dirpath = str(config.checkpoint.dirpath or self.run_dir / "checkpoints")
+
+        def after_instantiate_classes(self) -> None:
+            super().after_instantiate_classes()
+            self.model.check_data(self.datamodule)  # before the cache is built and before the first step
+
+        def instantiate_trainer(self, **kwargs):
+            trainer = self._get(self.config_init, "trainer", default={})
+            if trainer.get("logger") in (None, True):  # CSV and TensorBoard, in the same version directory
+                csv = CSVLogger(self.run_dir, name="logs")
+                kwargs["logger"] = [csv, TensorBoardLogger(self.run_dir, name="logs", version=csv.version,
+                                                           default_hp_metric=False)]
+            callbacks = list(trainer.get("callbacks") or [])
+            if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar)
+                                                                           for c in callbacks):
+                # The bar reads the losses back from the device when it refreshes: at the logging steps only
+                # (which read them anyway), not every step, so the host does not wait for the GPU each step.
+                callbacks.append(TQDMProgressBar(refresh_rate=trainer.get("log_every_n_steps") or 50))
+                kwargs["callbacks"] = callbacks
+            # checkpoints are written by `checkpoint:` (Checkpoints) alone, through SafeCheckpointIO
+            plugins = trainer.get("plugins") or []
+            kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), SafeCheckpointIO()]
+            kwargs["enable_checkpointing"] = False
+            return super().instantiate_trainer(**kwargs)
+
+    try:
+        return PretrainCLI(PretrainingModule, PretrainingDataModule, args=None if argv == sys.argv[1:] else argv,
+                           save_config_callback=SaveConfig, save_config_kwargs={"overwrite": False},
+                           seed_everything_default=0, run=run)
+    except _Parsed as parsed:
+        return parsed.config
