@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from models import Transformer, TransformerConfig, make_head
+from models import LMHead, Transformer, TransformerConfig
 from pretrain.downstream.generate import LanguageModel, generate
 
 
@@ -25,7 +25,7 @@ def main() -> None:
     torch.manual_seed(0)
     config = TransformerConfig.preset(args.preset, dropout=0.0, attention_dropout=0.0)
     backbone = Transformer(config).eval()
-    model = LanguageModel(backbone, make_head("clm", config, backbone))
+    model = LanguageModel(backbone, LMHead(backbone, transform=False, bias=False))
     prompt = torch.randint(0, config.vocab_size, (args.prompt_tokens,)).tolist()
     generate(model, [prompt], max_new_tokens=4)  # warm-up
     results = {}

@@ -40,11 +40,10 @@ from objectives.masking import mask_tokens
 from objectives.rtd import generator_config
 from pretrain.training.module import PretrainingModule
 from pretrain.training.optim import build_optimizer, skip_if_not_finite
-from pretrain.training.speed import model_flops_per_token
+from pretrain.training.speed import gpu_peak, model_flops_per_token
 
 PAD, UNK, CLS, SEP, MASK = 0, 100, 101, 102, 103
 SPECIAL = [PAD, UNK, CLS, SEP, MASK]
-GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 @dataclass
@@ -191,9 +190,9 @@ def timed(step, device: torch.device, warmup: int, steps: int) -> tuple[float, f
 def peak_flops(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
-        for key, value in GPU_PEAK.items():
-            if key in name:
-                return value, f"{name}: {value / 1e12:.0f} TFLOP/s bf16 dense"
+        value = gpu_peak(name)  # the table pretrain fit's MFU uses
+        if value is not None:
+            return value, f"{name}: {value / 1e12:.0f} TFLOP/s bf16 dense"
         return float("nan"), f"{name}: peak unknown"
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     best = min(_time(lambda: a @ b) for _ in range(5))

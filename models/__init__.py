@@ -1,11 +1,11 @@
 """Pure PyTorch models: the configurable Transformer backbone, its heads, and Hugging Face weight interop."""
 
 from models.config import PRESETS, TransformerConfig
-from models.heads import ClassificationHead, LMHead, ModelWithHeads, Pooler, TokenScorer, make_head
+from models.heads import ClassificationHead, Head, LMHead, ModelWithHeads, Pooler, TokenScorer, build_head, head_spec
 from models.hf import from_hf, to_hf
 from models.transformer import Transformer
 
 __all__ = [
-    "PRESETS", "TransformerConfig", "Transformer", "LMHead", "Pooler", "ClassificationHead", "TokenScorer",
-    "ModelWithHeads", "make_head", "from_hf", "to_hf",
+    "PRESETS", "TransformerConfig", "Transformer", "Head", "LMHead", "Pooler", "ClassificationHead", "TokenScorer",
+    "ModelWithHeads", "head_spec", "build_head", "from_hf", "to_hf",
 ]

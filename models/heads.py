@@ -1,34 +1,65 @@
 """Heads on the backbone's hidden states (B, T, H). No losses here: objectives compute those.
 
-Every head is called as `head(hidden_states)`, so a backbone with any set of heads is `ModelWithHeads`.
+Every head is called as `head(hidden_states)`, so a backbone with any set of heads is `ModelWithHeads`. Every head is
+built as `Class(backbone, **init_args)` and keeps its `init_args` (plain values): `head_spec` records a head as its
+class path and arguments, and `build_head` rebuilds it from that record, so a saved model brings back any head,
+including an objective's own, without a table of names here.
 """
 
 from __future__ import annotations
 
+import importlib
 from functools import partial
+from typing import Any
 
 from torch import Tensor, nn
 
 from models.config import TransformerConfig
 from models.transformer import Transformer, activation_module, init_weights
 
+# Packages whose classes a saved model may name as its heads: rebuilding a head never imports anything else.
+HEAD_PACKAGES = ("models.", "objectives.")
 
-class LMHead(nn.Module):
+
+class Head(nn.Module):
+    """A head, rebuildable from `head_spec(head)`: subclasses take `(backbone, **init_args)` and pass the init_args
+    (plain values: numbers, strings, booleans, None) to this constructor."""
+
+    def __init__(self, **init_args: Any):
+        super().__init__()
+        self.init_args = init_args
+
+
+def head_spec(head: nn.Module) -> dict[str, Any]:
+    """{"class_path": "package.module.Class", "init_args": {...}}: what `build_head` needs to rebuild `head`."""
+    if not isinstance(head, Head):
+        raise TypeError(f"{type(head).__name__} is not a models.heads.Head: it cannot be saved and rebuilt")
+    cls = type(head)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(head.init_args)}
+
+
+def build_head(spec: dict[str, Any], backbone: Transformer) -> Head:
+    """The head a `head_spec` describes, on `backbone` (fresh weights: load a state dict after). Only classes of
+    `HEAD_PACKAGES` that are `Head`s are built: a saved file cannot make this import or call anything else."""
+    module_name, _, class_name = str(spec.get("class_path", "")).rpartition(".")
+    if not module_name.startswith(HEAD_PACKAGES):
+        raise ValueError(f"head class {spec.get('class_path')!r} is not in {', '.join(HEAD_PACKAGES)}: not built")
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Head)):
+        raise ValueError(f"{spec.get('class_path')!r} is not a head class (models.heads.Head)")
+    return cls(backbone, **spec.get("init_args", {}))
+
+
+class LMHead(Head):
     """Token logits tied to the input embeddings: H -> E transform, then E -> V with the (V, E) embedding matrix.
 
     `transform=True` is BERT's, ALBERT's and ELECTRA's head (dense H -> E, activation, LayerNorm); `transform=False`
     is GPT-2's (logits straight from the final hidden states; a plain H -> E projection only when E != H).
     """
 
-    def __init__(
-        self,
-        config: TransformerConfig,
-        word_embeddings: nn.Embedding,
-        transform: bool = True,
-        bias: bool = True,
-        activation: str | None = None,
-    ):
-        super().__init__()
+    def __init__(self, backbone: Transformer, transform: bool = True, bias: bool = True, activation: str | None = None):
+        super().__init__(transform=transform, bias=bias, activation=activation)
+        config, word_embeddings = backbone.config, backbone.embeddings.word
         if transform:
             self.transform = nn.Sequential(
                 nn.Linear(config.hidden_size, config.embedding_size),
@@ -60,11 +91,12 @@ class Pooler(nn.Module):
         return self.dense(hidden_states[:, 0]).tanh()
 
 
-class ClassificationHead(nn.Module):
+class ClassificationHead(Head):
     """[CLS] pooler, dropout, linear classifier: NSP, SOP and sequence-level fine-tuning. (B, T, H) -> (B, labels)"""
 
-    def __init__(self, config: TransformerConfig, num_labels: int = 2, dropout: float | None = None):
-        super().__init__()
+    def __init__(self, backbone: Transformer, num_labels: int = 2, dropout: float | None = None):
+        super().__init__(num_labels=num_labels, dropout=dropout)
+        config = backbone.config
         self.pooler = Pooler(config)
         self.dropout = nn.Dropout(config.dropout if dropout is None else dropout)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
@@ -74,11 +106,12 @@ class ClassificationHead(nn.Module):
         return self.classifier(self.dropout(self.pooler(hidden_states)))
 
 
-class TokenScorer(nn.Module):
+class TokenScorer(Head):
     """ELECTRA's discriminator: one logit per token (dense H -> H, activation, H -> 1). (B, T, H) -> (B, T)"""
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, backbone: Transformer):
         super().__init__()
+        config = backbone.config
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.activation = activation_module(config.activation)
         self.out = nn.Linear(config.hidden_size, 1)
@@ -89,7 +122,7 @@ class TokenScorer(nn.Module):
 
 
 class ModelWithHeads(nn.Module):
-    """A backbone and named heads ("mlm", "nsp", "sop", "rtd", "clm") on its hidden states."""
+    """A backbone and named heads on its hidden states (named after the objectives that trained them, or "task")."""
 
     def __init__(self, backbone: Transformer, heads: dict[str, nn.Module]):
         super().__init__()
@@ -104,21 +137,3 @@ class ModelWithHeads(nn.Module):
         """Every head's output on the full hidden states, keyed by head name, plus "hidden_states" (B, T, H)."""
         hidden_states = self.backbone(input_ids, **backbone_inputs)
         return {"hidden_states": hidden_states, **{name: head(hidden_states) for name, head in self.heads.items()}}
-
-
-def make_head(name: str, config: TransformerConfig, backbone: Transformer, activation: str | None = None,
-              num_labels: int = 2) -> nn.Module:
-    """The head an objective of that name trains: "mlm" (tied LMHead with transform), "clm" (GPT-2's tied output),
-    "rtd" (TokenScorer), "nsp" / "sop" (2-way ClassificationHead); "task" is a fine-tuned task's
-    ClassificationHead with `num_labels` outputs (1 for regression)."""
-    if name == "mlm":
-        return LMHead(config, backbone.embeddings.word, activation=activation)
-    if name == "clm":
-        return LMHead(config, backbone.embeddings.word, transform=False, bias=False)
-    if name == "rtd":
-        return TokenScorer(config)
-    if name in ("nsp", "sop"):
-        return ClassificationHead(config, num_labels=2)
-    if name == "task":
-        return ClassificationHead(config, num_labels=num_labels)
-    raise ValueError(f"unknown head {name!r}; heads are mlm, clm, rtd, nsp, sop")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from models.config import TransformerConfig
-from models.heads import ModelWithHeads, make_head
+from models.heads import ClassificationHead, LMHead, ModelWithHeads, TokenScorer
 from models.transformer import Transformer
 
 # Hugging Face class -> (family, our head names). The families' base-model prefixes are in PREFIX.
@@ -127,9 +127,15 @@ HEAD_ENTRIES: dict[tuple[str, str], list[Entry]] = {
 }
 
 
-def _make_head(family: str, name: str, config: TransformerConfig, backbone: Transformer) -> nn.Module:
-    # ELECTRA's generator head hard-codes exact GELU whatever hidden_act says
-    return make_head(name, config, backbone, activation="gelu" if family == "electra" and name == "mlm" else None)
+def _make_head(family: str, name: str, backbone: Transformer) -> nn.Module:
+    """Our head for one of the Hugging Face heads `HF_CLASSES` names (the roles of these classes' heads)."""
+    if name == "mlm":  # ELECTRA's generator head hard-codes exact GELU whatever hidden_act says
+        return LMHead(backbone, activation="gelu" if family == "electra" else None)
+    if name == "clm":
+        return LMHead(backbone, transform=False, bias=False)
+    if name == "rtd":
+        return TokenScorer(backbone)
+    return ClassificationHead(backbone, num_labels=2)  # nsp, sop
 
 
 def config_from_hf(hf_config: Any) -> tuple[str, TransformerConfig]:
@@ -194,7 +200,7 @@ def from_hf_state_dict(
     family, config = config_from_hf(hf_config)
     theirs = _normalise_keys(state_dict, PREFIX[family])
     backbone = Transformer(config)
-    model = ModelWithHeads(backbone, {h: _make_head(family, h, config, backbone) for h in heads}) if heads \
+    model = ModelWithHeads(backbone, {h: _make_head(family, h, backbone) for h in heads}) if heads \
         else backbone
     entries = _entries(family, config, heads)
     missing = sorted({k for _, keys, _ in entries for k in keys} - set(theirs))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import TransformerConfig
+from models import ClassificationHead, Head, Transformer, TransformerConfig
 
 Batch = dict[str, Tensor]
 Layout = Literal["stream", "pairs"]
@@ -62,9 +62,11 @@ class ObjectiveOutput:
 
 
 class Objective(nn.Module):
-    """Owns its corruption, its head(s) and its loss. Subclasses set the class attributes and define
-    `bind(backbone, tokens=None)` (build heads once the backbone exists; `tokens`: the tokenizer's ids) and
-    `forward(hidden_states, batch) -> ObjectiveOutput`.
+    """Owns its corruption, its head(s) and its loss, and says what it needs from the data and how much of the
+    vocabulary-wide output layer it runs. Subclasses set the class attributes and define `make_head(backbone)` (or
+    `bind`, for more than one head or for the tokenizer's ids) and `forward(hidden_states, batch) -> ObjectiveOutput`.
+    Heads are `models.heads.Head`s (an objective's own head class may live in its file): a saved model records them
+    and `pretrain.load` rebuilds them.
     """
 
     name: ClassVar[str]
@@ -79,6 +81,22 @@ class Objective(nn.Module):
             raise ValueError(f"{type(self).__name__}: weight must be positive, got {weight}")
         self.weight = weight
 
+    def bind(self, backbone: Transformer, tokens: TokenIds | None = None) -> None:
+        """Build the head(s) once the backbone exists; `tokens`: the tokenizer's ids, for objectives that corrupt."""
+        self.head = self.make_head(backbone)
+
+    def make_head(self, backbone: Transformer) -> Head:
+        raise NotImplementedError(f"{type(self).__name__} defines make_head(backbone) or bind(backbone, tokens)")
+
+    def heads(self) -> dict[str, nn.Module]:
+        """The heads to save with the backbone, by name (one per objective by default: its name)."""
+        return {self.name: self.head}
+
+    def output_layer_share(self) -> float:
+        """The share of token positions at which this objective runs a vocabulary-wide output layer (counted in the
+        model's FLOPs per token, hence in MFU): 0 by default."""
+        return 0.0
+
     def corrupt(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         """The batch this objective wants the backbone to see. The default leaves it unchanged."""
         return batch
@@ -87,6 +105,22 @@ class Objective(nn.Module):
         """The data settings this objective needs, by the name of the data module's argument (e.g. NSP:
         {"layout": "pairs", "pair_task": "nsp"}); checked against the data module before the first step."""
         return {}
+
+
+class SegmentPairClassification(Objective):
+    """A 2-way classification of a segment pair from its [CLS] state (NSP, SOP): the head, the loss and the accuracy;
+    subclasses name the batch field holding the labels (`label_key`) and how the pairs are made."""
+
+    pair_task = True
+    label_key: ClassVar[str]
+
+    def make_head(self, backbone: Transformer) -> Head:
+        return ClassificationHead(backbone, num_labels=2)
+
+    def forward(self, hidden_states: Tensor, batch: Batch) -> ObjectiveOutput:
+        logits = self.head(hidden_states)  # (B, 2)
+        labels = batch[self.label_key]
+        return ObjectiveOutput(F.cross_entropy(logits.float(), labels), accuracy_of(logits, labels))
 
 
 def check_combination(objectives: list[Objective], config: TransformerConfig) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from models import Transformer, make_head
-from objectives.base import Batch, Objective, ObjectiveOutput, TokenIds, label_cross_entropy
+from models import LMHead, Transformer
+from objectives.base import Batch, Objective, ObjectiveOutput, label_cross_entropy
 from objectives.masking import IGNORE_INDEX
 
 
@@ -27,8 +27,11 @@ class CausalLM(Objective):
     attention = "causal"
     language_model = True
 
-    def bind(self, backbone: Transformer, tokens: TokenIds | None = None) -> None:
-        self.head = make_head(self.name, backbone.config, backbone)
+    def make_head(self, backbone: Transformer) -> LMHead:
+        return LMHead(backbone, transform=False, bias=False)
+
+    def output_layer_share(self) -> float:
+        return 1.0  # every position predicts the next token
 
     def forward(self, hidden_states: torch.Tensor, batch: Batch) -> ObjectiveOutput:
         labels = next_token_labels(batch).flatten()  # (B * (T-1),)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from models import Transformer, make_head
+from models import LMHead, Transformer
 from objectives.base import (
     Batch,
     Objective,
@@ -60,7 +60,13 @@ class MaskedLM(Objective):
             "MaskedLM", self.mask_token_id, self.special_ids, tokens)
         # random replacements: ids the tokenizer makes (the model's vocabulary may be larger, e.g. rounded up)
         self.vocab_size = tokens.vocab_size if tokens is not None and tokens.vocab_size else backbone.config.vocab_size
-        self.head = make_head(self.name, backbone.config, backbone)
+        super().bind(backbone, tokens)
+
+    def make_head(self, backbone: Transformer) -> LMHead:
+        return LMHead(backbone)
+
+    def output_layer_share(self) -> float:
+        return self.mask_prob  # the output layer runs at the selected positions only
 
     def data_requirements(self) -> dict[str, object]:
         return {"word_starts": True} if self.whole_word else {}

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import Transformer, TransformerConfig, make_head
+from models import TokenScorer, Transformer, TransformerConfig
 from objectives.base import (
     Batch,
     Objective,
@@ -74,7 +74,10 @@ class ReplacedTokenDetection(Objective):
                 setattr(self.generator.embeddings, name, module)
         # its head: the shared word embeddings
         self.generator_mlm.bind(self.generator, TokenIds(mask, special, tokens.vocab_size if tokens else None))
-        self.head = make_head(self.name, backbone.config, backbone)  # the discriminator's
+        self.head = TokenScorer(backbone)  # the discriminator's
+
+    def output_layer_share(self) -> float:
+        return self.generator_mlm.output_layer_share()  # the generator's output layer, at its masked positions
 
     def corrupt(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         original = batch["input_ids"]

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from models import Transformer, make_head
-from objectives.base import Batch, Objective, ObjectiveOutput, TokenIds, accuracy_of
+from objectives.base import Batch, SegmentPairClassification
 
 IN_ORDER, SWAPPED = 0, 1  # the Hugging Face convention for sentence_order_label
 
@@ -33,19 +31,16 @@ def swap_segments(
             torch.where(swap, swapped_types, token_type_ids))
 
 
-class SentenceOrderPrediction(Objective):
+class SentenceOrderPrediction(SegmentPairClassification):
     """Binary classification on [CLS]. Its corruption swaps half of the pairs (A, B of consecutive segments of one
     document, from the "pairs" layout) on the device and sets `sentence_order_label`."""
 
     name = "sop"
-    pair_task = True
+    label_key = "sentence_order_label"
 
     def __init__(self, swap_prob: float = 0.5, weight: float = 1.0):
         super().__init__(weight)
         self.swap_prob = swap_prob
-
-    def bind(self, backbone: Transformer, tokens: TokenIds | None = None) -> None:
-        self.head = make_head(self.name, backbone.config, backbone)
 
     def data_requirements(self) -> dict[str, object]:
         return {"layout": "pairs", "pair_task": "sop"}  # consecutive segments, swapped here
@@ -56,8 +51,3 @@ class SentenceOrderPrediction(Objective):
         input_ids, token_type_ids = swap_segments(ids, batch["token_type_ids"], batch["attention_mask"], swap)
         return {**batch, "input_ids": input_ids, "token_type_ids": token_type_ids,
                 "sentence_order_label": swap.long()}
-
-    def forward(self, hidden_states: torch.Tensor, batch: Batch) -> ObjectiveOutput:
-        logits = self.head(hidden_states)  # (B, 2)
-        labels = batch["sentence_order_label"]
-        return ObjectiveOutput(F.cross_entropy(logits.float(), labels), accuracy_of(logits, labels))

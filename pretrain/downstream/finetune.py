@@ -14,7 +14,7 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 from torch import Tensor, nn
 
-from models import ModelWithHeads, Transformer, make_head
+from models import ClassificationHead, ModelWithHeads, Transformer
 from pretrain.downstream.inputs import pad_pairs, task_output
 from pretrain.downstream.pretrained import Pretrained, load
 from pretrain.downstream.tasks import Task, compute_metrics, label_ids, read_examples, score
@@ -121,8 +121,9 @@ def finetune_once(model_path: str | Path, task: Task, labels: tuple[str, ...], t
     backbone = pretrained.model.backbone
     if settings.from_scratch:
         backbone = Transformer(config)  # same architecture and tokenizer, random weights
-    head = make_head("task", config, backbone, num_labels=num_labels)
-    source = next((pretrained.model.heads[n] for n in ("nsp", "sop") if n in pretrained.model.heads), None)
+    head = ClassificationHead(backbone, num_labels=num_labels)
+    # BERT's and ALBERT's pair classifiers (NSP, SOP) have a trained [CLS] pooler: start from it
+    source = next((h for h in pretrained.model.heads.values() if isinstance(h, ClassificationHead)), None)
     if source is not None and not settings.from_scratch:
         head.pooler.load_state_dict(source.pooler.state_dict())  # BERT starts from its NSP pooler
     loaders = [torch.utils.data.DataLoader(data, batch_size=settings.batch_size, shuffle=shuffle,

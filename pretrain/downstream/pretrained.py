@@ -18,7 +18,7 @@ from safetensors.torch import load_file, load_model, save_model
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from models import ModelWithHeads, Transformer, TransformerConfig, make_head
+from models import LMHead, ModelWithHeads, Transformer, TransformerConfig, build_head, head_spec
 from pretrain import __version__
 from pretrain.data.tokenizer import load_tokenizer, plain, special_ids
 from pretrain.downstream.generate import LanguageModel, Strategy, generate, perplexity
@@ -102,10 +102,11 @@ class Pretrained:
         return Encoded(hidden, attention_mask, hidden.sum(1) / mask.sum(1).clamp(min=1))
 
     def language_model(self) -> LanguageModel:
-        if "clm" not in self.model.heads:
+        head = next((h for h in self.model.heads.values() if isinstance(h, LMHead)), None)
+        if not self.config.causal or head is None:
             raise UserError(f"this model has no causal LM head (its heads: {sorted(self.model.heads)}): generation "
                             "needs a model pretrained with CausalLM, e.g. configs/gpt2-small.yaml")
-        return LanguageModel(self.model.backbone, self.model.heads["clm"])
+        return LanguageModel(self.model.backbone, head)
 
     def room(self, prompts: list[str]) -> int:
         """How many tokens the longest of these prompts leaves for generation within the model's positions."""
@@ -145,7 +146,7 @@ class Pretrained:
         directory.mkdir(parents=True, exist_ok=True)
         save_model(self.model, str(directory / WEIGHTS_FILE))
         config = {"format": "pretrain", "version": __version__, "backbone": dataclasses.asdict(self.config),
-                  "heads": list(self.model.heads), "task": self.task}
+                  "heads": {name: head_spec(head) for name, head in self.model.heads.items()}, "task": self.task}
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         self.tokenizer.save(str(directory / TOKENIZER_FILE))
 
@@ -175,10 +176,34 @@ class Pretrained:
         tokenizer.save_pretrained(directory)
 
 
-def model_with_heads(config: TransformerConfig, heads: list[str], task: dict | None = None) -> ModelWithHeads:
+# The heads of models saved before heads described themselves (their names were the objectives'): how to rebuild them.
+LEGACY_HEADS = {
+    "mlm": {"class_path": "models.heads.LMHead", "init_args": {}},
+    "clm": {"class_path": "models.heads.LMHead", "init_args": {"transform": False, "bias": False}},
+    "rtd": {"class_path": "models.heads.TokenScorer", "init_args": {}},
+    "nsp": {"class_path": "models.heads.ClassificationHead", "init_args": {"num_labels": 2}},
+    "sop": {"class_path": "models.heads.ClassificationHead", "init_args": {"num_labels": 2}},
+}
+
+
+def model_with_heads(config: TransformerConfig, heads: dict[str, dict] | list[str], task: dict | None = None
+                     ) -> ModelWithHeads:
+    """The backbone of `config` with the heads their specs describe (`models.head_spec`), fresh weights; a list of
+    names is a model saved before heads described themselves."""
+    if isinstance(heads, list):
+        labels = (1 if task["regression"] else len(task["labels"])) if task else 2
+        legacy = LEGACY_HEADS | {"task": {"class_path": "models.heads.ClassificationHead",
+                                          "init_args": {"num_labels": labels}}}
+        unknown = [name for name in heads if name not in legacy]
+        if unknown:
+            raise UserError(f"the saved model names heads {unknown} without saying how to build them: export it again "
+                            "with this version of pretrain")
+        heads = {name: legacy[name] for name in heads}
     backbone = Transformer(config)
-    labels = (1 if task["regression"] else len(task["labels"])) if task else 2
-    return ModelWithHeads(backbone, {name: make_head(name, config, backbone, num_labels=labels) for name in heads})
+    try:
+        return ModelWithHeads(backbone, {name: build_head(spec, backbone) for name, spec in heads.items()})
+    except (ValueError, TypeError, ImportError) as error:
+        raise UserError(f"the saved model's heads cannot be rebuilt: {error}") from error
 
 
 def from_checkpoint(path: Path) -> Pretrained:
@@ -188,7 +213,7 @@ def from_checkpoint(path: Path) -> Pretrained:
         raise UserError(f"{path} is not a checkpoint of `pretrain fit` (it has no 'pretrain' section)")
     if saved["tokenizer"] is None:
         raise UserError(f"{path} holds no tokenizer (the model was trained without one); export needs it")
-    model = model_with_heads(TransformerConfig(**saved["backbone"]), list(saved["heads"]))
+    model = model_with_heads(TransformerConfig(**saved["backbone"]), saved.get("head_specs") or list(saved["heads"]))
     state = checkpoint["state_dict"]
     ours = {}
     for key in model.state_dict():

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
-from models import Transformer, TransformerConfig
+from models import Transformer, TransformerConfig, head_spec
 from objectives import Batch, Objective, ObjectiveOutput, TokenIds, check_combination
 from objectives.base import backbone_inputs
 from pretrain.data.tokenizer import check_vocabulary, load_tokenizer, special_ids
@@ -255,8 +255,11 @@ class PretrainingModule(pl.LightningModule):
             self.check_data(self.trainer.datamodule)
 
     def heads(self) -> dict[str, nn.Module]:
-        """The objectives' heads by objective name, as `ModelWithHeads` and the Hugging Face export name them."""
-        return {o.name: o.head for o in self.objectives}
+        """Every objective's heads by name (`Objective.heads`), as `ModelWithHeads` and the exports name them."""
+        heads: dict[str, nn.Module] = {}
+        for objective in self.objectives:
+            heads |= objective.heads()
+        return heads
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """What `pretrain.load` and `pretrain export` need besides the weights, the RNG state for exact resume
@@ -264,6 +267,7 @@ class PretrainingModule(pl.LightningModule):
         checkpoint["pretrain"] = {
             "backbone": self.hparams["backbone"], "tokenizer": self.tokenizer_json,
             "heads": {name: self._prefix_of(head) for name, head in self.heads().items()},
+            "head_specs": {name: head_spec(head) for name, head in self.heads().items()},
             "skipped_steps": int(self._skipped), "skip_streak": int(self._streak),
         }
         checkpoint["rng"] = {"torch": torch.get_rng_state()}

@@ -18,17 +18,14 @@ def gpu_peak(device_name: str) -> float | None:
 def model_flops_per_token(module, seq_len: int) -> float:
     """Training FLOPs per token of a `PretrainingModule`: 6 N + 12 L H T (PaLM appendix B; nanoGPT), where N counts
     the parameters used in matrix products once per token: all trainable parameters except the embedding tables
-    (lookups), plus the tied output layer (V x E) times the fraction of positions whose logits the objectives need
-    (1 for CLM, the masking probability for MLM and ELECTRA's generator)."""
+    (lookups), plus the tied output layer (V x E) times the share of positions at which the objectives run it
+    (`Objective.output_layer_share`: 1 for CLM, the masking probability for MLM and ELECTRA's generator)."""
     config = module.backbone.config
     parameters = sum(p.numel() for p in module.parameters() if p.requires_grad)
     tables = sum(p.numel() for name, p in module.backbone.embeddings.named_parameters()
                  if name in ("word.weight", "position.weight", "token_type.weight"))
-    fraction = 0.0
-    for objective in module.objectives:
-        masking = objective.generator_mlm if objective.name == "rtd" else objective
-        fraction = max(fraction, 1.0 if objective.name == "clm" else getattr(masking, "mask_prob", 0.0))
-    matmul = parameters - tables + fraction * config.vocab_size * config.embedding_size
+    share = sum(objective.output_layer_share() for objective in module.objectives)
+    matmul = parameters - tables + share * config.vocab_size * config.embedding_size
     return 6 * matmul + 12 * config.num_layers * config.hidden_size * seq_len
 
 

@@ -253,7 +253,7 @@ def test_attention_is_scaled_dot_product():
 def test_lm_head_is_tied_and_factorized():
     config = TransformerConfig.preset("albert-tiny")
     backbone = Transformer(config)
-    model = ModelWithHeads(backbone, {"mlm": LMHead(config, backbone.embeddings.word)})
+    model = ModelWithHeads(backbone, {"mlm": LMHead(backbone)})
     assert model.heads["mlm"].weight is backbone.embeddings.word.weight
     assert model.heads["mlm"].transform[0].weight.shape == (32, 64)  # H -> E
     out = model(torch.randint(0, 1000, (2, 5)))
@@ -261,7 +261,7 @@ def test_lm_head_is_tied_and_factorized():
     out["mlm"].sum().backward()
     assert backbone.embeddings.word.weight.grad is not None
     # A factorized model with GPT-2's plain head projects H -> E before the tied E -> V matrix.
-    plain = LMHead(config, backbone.embeddings.word, transform=False, bias=False)
+    plain = LMHead(backbone, transform=False, bias=False)
     assert plain(torch.randn(3, 64)).shape == (3, 1000)
 
 
@@ -332,3 +332,21 @@ def test_backbone_traces_without_graph_breaks(preset):
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model)(ids, attention_mask=mask)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_heads_are_rebuilt_from_their_spec_and_nothing_else_is_built():
+    from models import ClassificationHead, TokenScorer, build_head, head_spec
+
+    backbone = Transformer(TransformerConfig.preset("bert-tiny"))
+    for head in (LMHead(backbone, transform=False, bias=False), ClassificationHead(backbone, num_labels=3),
+                 TokenScorer(backbone)):
+        spec = head_spec(head)
+        rebuilt = build_head(spec, backbone)
+        assert type(rebuilt) is type(head) and head_spec(rebuilt) == spec
+        shapes = {k: v.shape for k, v in head.state_dict().items()}
+        assert {k: v.shape for k, v in rebuilt.state_dict().items()} == shapes
+    assert build_head(head_spec(LMHead(backbone)), backbone).weight is backbone.embeddings.word.weight  # tied again
+    for spec in ({"class_path": "os.system", "init_args": {}}, {"class_path": "models.transformer.Transformer"},
+                 {"class_path": "models.heads.Pooler"}):
+        with pytest.raises(ValueError, match="not"):
+            build_head(spec, backbone)

@@ -17,7 +17,7 @@ def model():
     config = TransformerConfig.preset("gpt2-tiny", vocab_size=VOCAB, max_position_embeddings=64, dropout=0.0,
                                       attention_dropout=0.0, initializer_range=0.2)  # peaky, varied predictions
     backbone = Transformer(config).eval()
-    return LanguageModel(backbone, LMHead(config, backbone.embeddings.word, transform=False, bias=False))
+    return LanguageModel(backbone, LMHead(backbone, transform=False, bias=False))
 
 
 PROMPTS = [[3, 7, 1, 9, 4], [5], [8, 8, 2]]

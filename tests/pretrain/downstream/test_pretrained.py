@@ -90,3 +90,27 @@ def test_a_tokenizer_with_fixed_padding_encodes_and_predicts_real_tokens_only(to
     assert torch.equal(with_padding.encode(texts).hidden_states, plain.encode(texts).hidden_states)
     lengths = [len(ids) for ids, _ in with_padding.tokenize_pairs(texts, None, 16)]
     assert lengths == [len(ids) for ids in plain.tokenize(texts)] and max(lengths) < 16
+
+
+def test_a_checkpoint_saved_before_heads_described_themselves_still_loads(tmp_path):
+    """Checkpoints of earlier versions name their heads only ("mlm", "nsp"): they load through the legacy table."""
+    from pretrain.cli import main
+    from pretrain.sample import BUNDLED_CORPUS
+
+    run = tmp_path / "run"
+    from tests.helpers import ROOT
+
+    arguments = ["fit", "-c", str(ROOT / "configs" / "tiny" / "bert.yaml"), "--data.files", str(BUNDLED_CORPUS),
+                 "--data.tokenizer", str(tmp_path / "tokenizer.json"), "--data.tokenizer_vocab_size", "400",
+                 "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(run),
+                 "--trainer.max_steps", "1", "--model.warmup_steps", "0", "--model.schedule", "constant",
+                 "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]
+    assert main(arguments) == 0
+    path = run / "checkpoints" / "last.ckpt"
+    new = pretrain.load(path)
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["pretrain"]["head_specs"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    old = pretrain.load(tmp_path / "old.ckpt")
+    ids = torch.tensor(new.tokenize(["To be, or not to be"]))
+    assert all(torch.equal(new.model(ids)[k], old.model(ids)[k]) for k in ("mlm", "nsp"))
