@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from models import TransformerConfig
+from models import ModelWithHeads, TransformerConfig, to_hf
 from models.hf import hf_config_for
 from objectives import CausalLM, MaskedLM, NextSentencePrediction, ReplacedTokenDetection, SentenceOrderPrediction
 from objectives.masking import mask_tokens
@@ -167,6 +167,40 @@ def hf_step(row: Row, config: TransformerConfig, batch: dict, device: torch.devi
         optimizer.zero_grad(set_to_none=True)
 
     return step, sum(p.numel() for p in parameters.values())  # (its parameter count, printed)
+
+
+def same_loss(row: Row, seed: int = 1) -> tuple[float, float]:
+    """(our loss, Hugging Face's) on the same weights (ours converted with `models.to_hf`), the same batch and the same
+    masks (drawn by `mask_tokens` from the same seeded generator), fp32 on the CPU: the two sides time the same
+    computation. ALBERT's segments are not swapped here (SOP's swap is our corruption; Hugging Face takes the label);
+    for ELECTRA the generator's MLM loss is compared (the two loops draw the replacements differently)."""
+    torch.manual_seed(0)
+    config = config_for(row, "cpu")
+    batch = make_batch(row, config, row.cpu_batch, row.cpu_seq_len, torch.device("cpu"))
+    objectives = {"mlm": lambda: MaskedLM(MASK, SPECIAL), "nsp": NextSentencePrediction, "clm": CausalLM,
+                  "sop": lambda: SentenceOrderPrediction(swap_prob=0.0),
+                  "rtd": lambda: ReplacedTokenDetection(MASK, SPECIAL, generator_size=0.25)}
+    module = PretrainingModule(config, [objectives[name]() for name in row.objectives]).eval()
+    with torch.no_grad():
+        loss, outputs = module(batch, torch.Generator().manual_seed(seed))
+        if row.preset.startswith("gpt2"):
+            theirs = to_hf(ModelWithHeads(module.backbone, module.heads())).eval()
+            return float(loss), float(theirs(batch["input_ids"], labels=batch["input_ids"]).loss)
+        masking = module.objectives[0].generator_mlm if row.preset.startswith("electra") else module.objectives[0]
+        masked, labels = mask_tokens(batch["input_ids"], mask_token_id=MASK, vocab_size=config.vocab_size,
+                                     special_ids=SPECIAL, generator=torch.Generator().manual_seed(seed),
+                                     replace_probs=masking.replace_probs, attention_mask=batch.get("attention_mask"))
+        if row.preset.startswith("electra"):
+            rtd = module.objectives[0]
+            generator = to_hf(ModelWithHeads(rtd.generator, {"mlm": rtd.generator_mlm.head}), family="electra").eval()
+            return float(outputs["rtd"].extra["generator_loss"]), float(generator(masked, labels=labels).loss)
+        theirs = to_hf(ModelWithHeads(module.backbone, module.heads())).eval()
+        order = "sentence_order_label" if row.preset.startswith("albert") else "next_sentence_label"
+        pair_labels = torch.zeros_like(batch["next_sentence_label"]) if order.startswith("sentence") \
+            else batch["next_sentence_label"]
+        hf_loss = theirs(masked, attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
+                         labels=labels, **{order: pair_labels}).loss
+        return float(loss), float(hf_loss)
 
 
 def timed(step, device: torch.device, warmup: int, steps: int) -> tuple[float, float | None]:

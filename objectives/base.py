@@ -163,13 +163,6 @@ def data_mismatches(objectives: list[Objective], data: dict[str, object]) -> lis
     return problems
 
 
-def token_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean cross-entropy over the labels that are not `ignore_index`; 0 (not NaN) when there are none, as can
-    happen to a small batch in which masking selected nothing. logits (N, V) in any dtype, labels (N,)."""
-    total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
-    return total / (labels != ignore_index).sum().clamp(min=1)
-
-
 class _LabelCrossEntropy(torch.autograd.Function):
     """Cross-entropy and accuracy over a large vocabulary in few passes over the (N, V) logits: the forward keeps
     exp(logits - max) (fp32) instead of the logits and log-softmax, and the backward turns it into the gradient in
@@ -203,7 +196,7 @@ class _LabelCrossEntropy(torch.autograd.Function):
 def label_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100, overwrite_logits: bool = False
                         ) -> tuple[Tensor, Tensor]:
     """(mean cross-entropy over the labels that are not `ignore_index` (0 when there are none), 1.0 where the
-    label has the largest logit (0 where ignored)). Equals `token_cross_entropy` and `accuracy_of` (up to ties),
+    label has the largest logit (0 where ignored)). Equals F.cross_entropy's mean and `accuracy_of` (up to ties),
     with less memory traffic. With `overwrite_logits` (fp32 logits that nothing else reads, e.g. fresh from the
     output layer) their memory is reused instead of allocating another (N, V) buffer. logits (N, V), labels (N,)."""
     return _LabelCrossEntropy.apply(logits, labels, ignore_index, overwrite_logits)

@@ -13,7 +13,7 @@ IGNORE_INDEX = -100  # labels at positions that carry no loss (the Hugging Face 
 
 def max_selected(length: int, mask_prob: float, num_masked: int | None = None) -> int:
     """The most tokens `mask_tokens` selects in a row of `length` (without whole-word masking): the static size of
-    the gathered predictions (`gather_selected`)."""
+    the gathered predictions (`selected_positions`, `gather_at`)."""
     if num_masked is not None:
         return max(0, min(num_masked, length))
     return min(length, max(1, math.ceil(mask_prob * length)))
@@ -102,17 +102,13 @@ def selected_positions(labels: Tensor, num_selected: int) -> Tensor:
     return (labels != IGNORE_INDEX).float().topk(num_selected, dim=1, sorted=False).indices
 
 
-def gather_selected(hidden_states: Tensor, labels: Tensor, num_selected: int | None = None) -> tuple[Tensor, Tensor]:
-    """Hidden states and labels at the selected positions only, so the V-wide output layer runs there alone.
-
-    hidden_states (B, T, H), labels (B, T) with -100 where not selected -> (N, H), (N,). With `num_selected` (at
-    least every row's selected count, e.g. `max_selected`) the shape is static (B * num_selected; rows with fewer
-    selections contribute -100 labels) and nothing syncs; without, boolean indexing waits for the device.
-    """
-    if num_selected is None:
-        selected = labels != IGNORE_INDEX
-        return hidden_states[selected], labels[selected]
-    return gather_at(hidden_states, labels, selected_positions(labels, num_selected))
+def gather_selected(hidden_states: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Hidden states and labels at the selected positions only, so the V-wide output layer runs there alone, for a
+    varying count per row (whole-word masking): boolean indexing, which waits for the device. (With a static count,
+    `gather_at(hidden_states, labels, selected_positions(labels, k))` does not.)
+    hidden_states (B, T, H), labels (B, T) with -100 where not selected -> (N, H), (N,)"""
+    selected = labels != IGNORE_INDEX
+    return hidden_states[selected], labels[selected]
 
 
 def gather_at(hidden_states: Tensor, labels: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from pretrain import __version__
+from pretrain.downstream.tasks import GLUE
 from pretrain.errors import UserError
 from pretrain.training.cli import LIGHTNING_COMMANDS, lightning_cli
 
@@ -54,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     plot.add_argument("-o", "--out", type=Path, default=Path("curves.png"), help="the PNG to write")
     tune = commands.add_parser("finetune", help="fine-tune a pretrained encoder on a GLUE task or your own data")
     tune.add_argument("--model", type=Path, required=True, help="a .ckpt, an exported or a Hugging Face directory")
-    tune.add_argument("--task", help=f"a GLUE task ({', '.join(GLUE_NAMES)}) read from --data-dir, or a name for "
+    tune.add_argument("--task", help=f"a GLUE task ({', '.join(GLUE)}) read from --data-dir, or a name for "
                                      "your own --train/--dev data")
     tune.add_argument("--data-dir", type=Path, help="the GLUE directory (holding SST-2/, CoLA/, ...)")
     tune.add_argument("--train", type=Path, help="your own training file: CSV, TSV or JSONL with a header")
@@ -75,9 +76,6 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-GLUE_NAMES = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
-
-
 def add_finetune_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--out", type=Path, required=True, help="a new directory for models, logs and results")
     command.add_argument("--seeds", default="1", help="comma-separated seeds, e.g. 1,2,3: median and spread")
@@ -92,7 +90,8 @@ def add_finetune_options(command: argparse.ArgumentParser) -> None:
 
 
 def finetune_settings(args: argparse.Namespace):
-    from pretrain.downstream.finetune import Settings, check_new_directory
+    from pretrain.downstream.export import check_new_directory
+    from pretrain.downstream.finetune import Settings
 
     try:
         seeds = [int(seed) for seed in args.seeds.split(",")]
@@ -101,6 +100,7 @@ def finetune_settings(args: argparse.Namespace):
     if args.epochs < 1 or args.batch_size < 1 or args.learning_rate <= 0:
         raise UserError("--epochs and --batch-size must be at least 1 and --learning-rate positive")
     check_new_directory(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
     return seeds, Settings(args.epochs, args.learning_rate, args.batch_size, args.max_length, args.weight_decay,
                            args.warmup_ratio, args.from_scratch)
 
@@ -131,7 +131,7 @@ def glue_command(args: argparse.Namespace) -> None:
     import json
 
     from pretrain.downstream.finetune import finetune, table
-    from pretrain.downstream.tasks import GLUE, glue_task
+    from pretrain.downstream.tasks import glue_task
 
     wanted = [glue_task(name) for name in args.tasks.split(",")] if args.tasks else list(GLUE.values())
     found = [t for t in wanted if (args.data_dir / t.directory / t.train_file).is_file()

@@ -174,7 +174,7 @@ class PretrainingDataModule(pl.LightningDataModule):
             return StreamingBlocks(self._documents(files, split, streaming=True), self.tokenizer, hp.max_length,
                                    self._separator(), self._cls(), hp.word_starts)
         key = fingerprint(resolve_files(files), self.tokenizer, settings)
-        return ArrayExamples(cached_arrays(Path(hp.cache_dir), key, lambda: self._build(files, split)))
+        return ArrayExamples(cached_arrays(Path(hp.cache_dir), key, lambda: self._build(files, split, key)))
 
     def _documents(self, files: list[str], split: str, streaming: bool = False):
         hp = self.hparams
@@ -205,11 +205,11 @@ class PretrainingDataModule(pl.LightningDataModule):
             "(--data.documents_by line), give one file per document, give --data.validation_files, or set "
             "--data.validation_fraction 0")
 
-    def _build(self, files: list[str], split: str) -> Iterator[dict[str, np.ndarray]]:
+    def _build(self, files: list[str], split: str, key: str) -> Iterator[dict[str, np.ndarray]]:
         hp = self.hparams
         documents = self._documents(files, split)
         if hp.layout == "stream":
-            tokenized = tokenize(documents, self.tokenizer, hp.word_starts, hp.num_proc)
+            tokenized = tokenize(documents, self.tokenizer, key, hp.word_starts, hp.num_proc)
             yield from pack_stream(tokenized_batches(tokenized), hp.max_length, self._separator(), self._cls())
             return
         if self.special.cls is None or self.special.pad is None:

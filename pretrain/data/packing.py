@@ -24,15 +24,16 @@ def token_columns(tokenizer: Tokenizer, texts: list[str], word_starts: bool) -> 
     return columns
 
 
-def tokenize(corpus: datasets.Dataset, tokenizer: Tokenizer, word_starts: bool = False,
+def tokenize(corpus: datasets.Dataset, tokenizer: Tokenizer, key: str, word_starts: bool = False,
              num_proc: int | None = None) -> datasets.Dataset:
     """Token ids of every document (datasets.map, batched, in `num_proc` processes). The result is written as
-    Arrow beside the corpus's own cache files (memory-mapped; nothing is pickled back from the workers)."""
-    key = hashlib.sha256(tokenizer.to_str().encode() + bytes([word_starts])).hexdigest()[:16]
+    Arrow beside the corpus's own cache files (memory-mapped; nothing is pickled back from the workers), under
+    `key`: it must name these documents (e.g. `pretrain.data.cache.fingerprint` of their files and settings); the
+    tokenizer and `word_starts` are added to it here (datasets cannot hash a tokenizer)."""
+    digest = hashlib.sha256(f"{key}|".encode() + tokenizer.to_str().encode() + bytes([word_starts])).hexdigest()
     return corpus.map(
         lambda batch: token_columns(tokenizer, batch["text"], word_starts), batched=True, batch_size=1000,
-        num_proc=num_proc, remove_columns=corpus.column_names, desc="Tokenizing",
-        new_fingerprint=f"{corpus._fingerprint}-tokens-{key}",  # the tokenizer is not hashable by datasets
+        num_proc=num_proc, remove_columns=corpus.column_names, desc="Tokenizing", new_fingerprint=digest[:32],
     )
 
 

@@ -10,12 +10,17 @@ from pretrain.downstream.pretrained import load
 from pretrain.errors import UserError
 
 
+def check_new_directory(out: Path) -> None:
+    """Output directories of the commands (export, fine-tuning) must be new or empty: nothing is ever overwritten."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not empty: choose a new directory")
+
+
 def export(checkpoint: str | Path, out: str | Path, format: str = "native") -> Path:
     """Write `checkpoint`'s model and tokenizer to the new directory `out` ("native" for `pretrain.load`, "hf" for
     transformers). Written to a temporary directory first: `out` appears complete or not at all."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not empty: choose a new directory")
+    check_new_directory(out)
     if format not in ("native", "hf"):
         raise UserError(f"unknown format {format!r}: native or hf")
     pretrained = load(checkpoint)

@@ -186,10 +186,3 @@ def table(rows: list[tuple[str, dict]], metrics_of: dict[str, tuple[str, ...]]) 
             value = summary[metric]
             lines.append(f"{name:<8} {metric:<10} {value['median']:8.2f} {value['min']:8.2f} {value['max']:8.2f}")
     return "\n".join(lines)
-
-
-def check_new_directory(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not empty: choose a new --out directory")
-    out.mkdir(parents=True, exist_ok=True)
-

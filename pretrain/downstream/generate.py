@@ -175,14 +175,6 @@ def beam_search(model: LanguageModel, prompt: list[int], options: Settings) -> l
     return max(done, key=lambda item: item[0])[1]
 
 
-def sequence_log_probability(model: LanguageModel, prompt: list[int], continuation: list[int]) -> float:
-    """log P(continuation | prompt) under the model, by one uncached forward pass."""
-    tokens = torch.tensor([prompt + continuation])
-    hidden = model.backbone(tokens)
-    log_probs = model.head(hidden[0, len(prompt) - 1:-1]).float().log_softmax(-1)
-    return float(log_probs.gather(1, torch.tensor(continuation)[:, None]).sum())
-
-
 @torch.no_grad()
 def perplexity(model: LanguageModel, tokens: list[int], window: int | None = None, stride: int | None = None) -> float:
     """exp of the mean next-token loss over tokens[1:]. A text longer than `window` (default: the model's context)

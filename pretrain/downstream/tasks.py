@@ -7,13 +7,12 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
-import torch
-from torchmetrics.functional import matthews_corrcoef, pearson_corrcoef, spearman_corrcoef
-from torchmetrics.functional.classification import binary_f1_score
+from typing import TYPE_CHECKING, Literal
 
 from pretrain.errors import UserError
+
+if TYPE_CHECKING:  # torch and torchmetrics are imported where used: the command's --help stays light
+    import torch
 
 Metric = Literal["accuracy", "f1", "matthews", "pearson", "spearman"]
 
@@ -123,6 +122,8 @@ def read_examples(task: Task, path: Path) -> Examples:
 
 def label_ids(task: Task, labels: list[str], label_set: tuple[str, ...], path: Path) -> torch.Tensor:
     """Class ids (classification) or float targets (regression); an error naming a label outside the set."""
+    import torch
+
     if task.regression:
         try:
             return torch.tensor([float(label) for label in labels])
@@ -148,6 +149,9 @@ def compute_metrics(metrics: tuple[Metric, ...], predictions: torch.Tensor, targ
                     num_labels: int) -> dict[str, float]:
     """The official GLUE metrics (torchmetrics), in percent: accuracy, F1 of the positive class, Matthews
     correlation, Pearson and Spearman correlations."""
+    from torchmetrics.functional import matthews_corrcoef, pearson_corrcoef, spearman_corrcoef
+    from torchmetrics.functional.classification import binary_f1_score
+
     out = {}
     for metric in metrics:
         if metric == "accuracy":

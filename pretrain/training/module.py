@@ -132,8 +132,7 @@ class PretrainingModule(pl.LightningModule):
         generator = self._generators.get(device)
         if generator is None:
             generator = self._generators[device] = torch.Generator(device=device)
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        digest = hashlib.blake2b(repr((self.hparams.seed, rank, *key)).encode(), digest_size=8).digest()
+        digest = hashlib.blake2b(repr((self.hparams.seed, self.global_rank, *key)).encode(), digest_size=8).digest()
         return generator.manual_seed(int.from_bytes(digest, "little") >> 1)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:

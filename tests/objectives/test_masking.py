@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from objectives import IGNORE_INDEX, gather_selected, mask_tokens
-from objectives.masking import max_selected
+from objectives.masking import gather_at, max_selected, selected_positions
 from tests.helpers import CLS, MASK, PAD, SEP, SPECIAL_IDS
 
 VOCAB = 1000
@@ -135,7 +135,7 @@ def test_gather_selected_static_and_dynamic_agree():
     labels[2, [0, 9]] = torch.tensor([5, 6])
     dynamic_hidden, dynamic_labels = gather_selected(hidden, labels)
     assert dynamic_hidden.shape == (4, 8) and dynamic_labels.tolist() == [7, 8, 5, 6]
-    static_hidden, static_labels = gather_selected(hidden, labels, num_selected=2)
+    static_hidden, static_labels = gather_at(hidden, labels, selected_positions(labels, 2))
     assert static_hidden.shape == (6, 8)
     kept = static_labels != IGNORE_INDEX
     assert sorted(static_labels[kept].tolist()) == [5, 6, 7, 8]

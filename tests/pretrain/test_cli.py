@@ -1,12 +1,14 @@
 """The `pretrain` command: fit with the recipes under configs/, export, generate, evaluate-lm, plot."""
 
 import csv
+import importlib
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 
 import pretrain
@@ -44,10 +46,9 @@ def test_every_recipe_parses_and_builds_its_model(recipe, tmp_path):
     assert cli.model.backbone.num_parameters() > 0 and cli.datamodule.vocab_size <= config.vocab_size
     if recipe.stem in PRESET_OF and recipe.parent == CONFIGS:
         assert config == TransformerConfig.preset(PRESET_OF[recipe.stem])
-    names = [o.name for o in cli.model.objectives]
-    expected = {"bert": ["mlm", "nsp"], "roberta": ["mlm"], "albert": ["mlm", "sop"], "electra": ["rtd"],
-                "gpt2": ["clm"], "quickstart": ["clm"]}[recipe.stem.split("-")[0]]
-    assert names == expected
+    named = [entry["class_path"].rpartition(".") for entry in yaml.safe_load(recipe.read_text())["model"]["objectives"]]
+    assert [type(o) for o in cli.model.objectives] == [getattr(importlib.import_module(module), name)
+                                                       for module, _, name in named]
     assert not any(isinstance(c, ModelCheckpoint) for c in cli.trainer.callbacks)  # ours alone writes checkpoints
     checkpointing = [c for c in cli.trainer.callbacks if isinstance(c, Checkpoints)]
     assert len(checkpointing) == 1 and Path(checkpointing[0].dirpath) == tmp_path / "runs" / "checkpoints"
@@ -80,14 +81,19 @@ def check_exports(checkpoint: Path, tmp_path: Path) -> None:
     """export -> pretrain.load gives identical outputs; --format hf -> transformers gives the same (fp32, 1e-5)."""
     import transformers
 
-    for form in ("native", "hf"):
-        assert main(["export", str(checkpoint), str(tmp_path / form), "--format", form]) == 0
+    from models.hf import HF_CLASSES
+
     ours = pretrain.load(checkpoint)
+    has_hf_class = any(set(heads) == set(ours.model.heads) for _, heads in HF_CLASSES.values())
+    assert main(["export", str(checkpoint), str(tmp_path / "native")]) == 0
+    code = main(["export", str(checkpoint), str(tmp_path / "hf"), "--format", "hf"])
+    assert code == (0 if has_hf_class else 2) and (tmp_path / "hf").exists() == has_hf_class
     ids = torch.tensor(ours.tokenize(["To be, or not to be: that is the question."]))
     expected = ours.model(ids)
     exported = pretrain.load(tmp_path / "native").model(ids)
     assert expected.keys() == exported.keys() and all(torch.equal(expected[k], exported[k]) for k in expected)
-
+    if not has_hf_class:  # an objective of ours alone (e.g. span masking): refused in one line, nothing written
+        return
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(
         "To be, or not to be: that is the question.", add_special_tokens=not ours.config.causal)["input_ids"] \
         == ids[0].tolist()
@@ -139,6 +145,20 @@ def test_a_misspelt_key_in_a_recipe_is_one_clear_error(tmp_path):
     process = subprocess.run([sys.executable, "-m", "pretrain.cli", "fit", "-c", str(recipe)], capture_output=True,
                              text=True, cwd=tmp_path)
     assert process.returncode == 2 and "learnin_rate" in process.stderr and "Traceback" not in process.stderr
+
+
+def test_the_one_private_lightning_hook_we_override_is_still_the_one_that_reads_checkpoint_settings():
+    """pretrain.training.cli turns LightningCLI._parse_ckpt_path off (it replaces the model's settings with the
+    checkpoint's, dropping overrides). Where a Lightning release reads a checkpoint's hyper-parameters in the CLI, it
+    must be through that method, called from __init__; otherwise a resume would silently drop overrides again.
+    (The behaviour itself: test_faults' resume with a changed learning rate.)"""
+    import inspect
+
+    from pytorch_lightning.cli import LightningCLI
+
+    if "hyper_parameters" in inspect.getsource(LightningCLI):  # Lightning 2.6 and later
+        assert "self._parse_ckpt_path()" in inspect.getsource(LightningCLI.__init__)
+        assert "hyper_parameters" in inspect.getsource(LightningCLI._parse_ckpt_path)
 
 
 def test_bad_checkpoints_are_one_clear_error_and_nothing_is_overwritten(tmp_path):

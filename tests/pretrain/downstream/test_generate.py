@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import LMHead, Transformer, TransformerConfig
-from pretrain.downstream.generate import LanguageModel, filter_logits, generate, sequence_log_probability
+from pretrain.downstream.generate import LanguageModel, filter_logits, generate
 
 VOCAB = 24
 
@@ -86,6 +86,13 @@ def test_filters_keep_the_right_tokens():
 def test_batched_prompts_of_different_lengths_equal_each_alone(model):
     batched = generate(model, PROMPTS, "greedy", max_new_tokens=10)
     assert batched == [generate(model, [p], "greedy", max_new_tokens=10)[0] for p in PROMPTS]
+
+
+def sequence_log_probability(model: LanguageModel, prompt: list[int], continuation: list[int]) -> float:
+    """log P(continuation | prompt), by one uncached forward pass."""
+    with torch.no_grad():
+        logits = model.head(model.backbone(torch.tensor([prompt + continuation]))[0, len(prompt) - 1:-1])
+        return float(logits.float().log_softmax(-1).gather(1, torch.tensor(continuation)[:, None]).sum())
 
 
 def test_beam_search(model):
