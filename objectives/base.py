@@ -51,6 +51,12 @@ def resolve_masking_ids(name: str, mask_token_id: int | None, special_ids: Seque
     return mask, special
 
 
+def replacement_vocab_size(tokens: TokenIds | None, backbone: Transformer) -> int:
+    """How many ids random replacements draw from: the tokenizer's (the model's vocabulary may be larger, e.g.
+    rounded up), or the model's when there is no tokenizer."""
+    return tokens.vocab_size if tokens is not None and tokens.vocab_size else backbone.config.vocab_size
+
+
 @dataclass
 class ObjectiveOutput:
     """An objective's unweighted loss and what its accuracy is computed from (no host sync: tensors only)."""

@@ -13,6 +13,7 @@ from objectives.base import (
     ObjectiveOutput,
     TokenIds,
     label_cross_entropy,
+    replacement_vocab_size,
     resolve_masking_ids,
 )
 from objectives.masking import (
@@ -58,8 +59,7 @@ class MaskedLM(Objective):
     def bind(self, backbone: Transformer, tokens: TokenIds | None = None) -> None:
         self.mask_token_id, self.special_ids = resolve_masking_ids(
             "MaskedLM", self.mask_token_id, self.special_ids, tokens)
-        # random replacements: ids the tokenizer makes (the model's vocabulary may be larger, e.g. rounded up)
-        self.vocab_size = tokens.vocab_size if tokens is not None and tokens.vocab_size else backbone.config.vocab_size
+        self.vocab_size = replacement_vocab_size(tokens, backbone)
         super().bind(backbone, tokens)
 
     def make_head(self, backbone: Transformer) -> LMHead:

@@ -12,8 +12,23 @@ from torch import Tensor, nn
 
 from models import Head, LMHead, Transformer
 from models.transformer import activation_module, init_weights
-from objectives.base import Batch, Objective, ObjectiveOutput, TokenIds, label_cross_entropy, resolve_masking_ids
-from objectives.masking import IGNORE_INDEX, gather_at, max_selected, positions_like, random_non_special
+from objectives.base import (
+    Batch,
+    Objective,
+    ObjectiveOutput,
+    TokenIds,
+    label_cross_entropy,
+    replacement_vocab_size,
+    resolve_masking_ids,
+)
+from objectives.masking import (
+    IGNORE_INDEX,
+    gather_at,
+    max_selected,
+    positions_like,
+    random_non_special,
+    selected_positions,
+)
 
 ROUNDS = 8  # passes over the candidate spans when filling the budget (about 14 % selected of a 15 % budget)
 
@@ -137,7 +152,7 @@ class SpanMasking(Objective):
     def bind(self, backbone: Transformer, tokens: TokenIds | None = None) -> None:
         self.mask_token_id, self.special_ids = resolve_masking_ids(
             "SpanMasking", self.mask_token_id, self.special_ids, tokens)
-        self.vocab_size = tokens.vocab_size if tokens is not None and tokens.vocab_size else backbone.config.vocab_size
+        self.vocab_size = replacement_vocab_size(tokens, backbone)
         self.head = LMHead(backbone)
         self.boundary_head = SpanBoundaryHead(backbone) if self.boundary_objective else None
 
@@ -173,8 +188,7 @@ class SpanMasking(Objective):
 
     def forward(self, hidden_states: Tensor, batch: Batch) -> ObjectiveOutput:
         labels = batch["span_labels"]
-        places = (labels != IGNORE_INDEX).float().topk(max_selected(labels.shape[1], self.mask_prob), dim=1,
-                                                        sorted=False).indices  # (B, k): static
+        places = selected_positions(labels, max_selected(labels.shape[1], self.mask_prob))  # (B, k): static
         hidden, flat_labels = gather_at(hidden_states, labels, places)
         loss, correct = label_cross_entropy(self.head(hidden), flat_labels, overwrite_logits=True)
         counted = (flat_labels != IGNORE_INDEX).float()
@@ -182,8 +196,7 @@ class SpanMasking(Objective):
         if self.boundary_head is None:
             return ObjectiveOutput(loss, correct, counted=counted, extra=extra)
         ends = {key: batch[f"span_{key}"].gather(1, places) for key in ("left", "right", "position")}
-        left = hidden_states.gather(1, ends["left"][..., None].expand(-1, -1, hidden_states.shape[-1])).flatten(0, 1)
-        right = hidden_states.gather(1, ends["right"][..., None].expand(-1, -1, hidden_states.shape[-1])).flatten(0, 1)
+        (left, _), (right, _) = (gather_at(hidden_states, labels, ends[side]) for side in ("left", "right"))
         boundary_logits = self.boundary_head(hidden_states, left, right, ends["position"].flatten())
         boundary_loss, _ = label_cross_entropy(boundary_logits, flat_labels, overwrite_logits=True)
         return ObjectiveOutput(loss + boundary_loss, correct, counted=counted,

@@ -59,8 +59,9 @@ def cached_arrays(cache_dir: Path, key: str,
         with file_lock(Path(cache_dir) / f".{key}.lock"):
             if not (final / "COMPLETE").is_file():
                 print(f"building the examples cache {final} (once; later runs read it)", flush=True)
+                for stale in Path(cache_dir).glob(f".{key}.partial-*"):  # left by a killed build (we hold the lock)
+                    shutil.rmtree(stale, ignore_errors=True)
                 partial = Path(cache_dir) / f".{key}.partial-{socket.gethostname()}-{os.getpid()}"
-                shutil.rmtree(partial, ignore_errors=True)
                 partial.mkdir(parents=True)
                 write_arrays(partial, build())
                 (partial / "COMPLETE").write_text("ok\n")

@@ -3,6 +3,7 @@ directories, JSONL / CSV / Parquet with a named text field, and datasets saved w
 
 from __future__ import annotations
 
+import functools
 import glob
 import html
 import re
@@ -72,7 +73,15 @@ def looks_like_text(path: Path) -> bool:
     `save_to_disk` directories are binary by design and pass."""
     if path.is_dir() or FORMATS.get(path.suffix.lower()) == "parquet":
         return True
-    with path.open("rb") as file:
+    stat = path.stat()
+    return _head_is_text(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _head_is_text(path: str, size: int, mtime_ns: int) -> bool:
+    """`looks_like_text` for one version of a file (size and mtime key the cache): each file is read once per run,
+    however many times the corpus is resolved (fingerprint, tokenizer, each split)."""
+    with open(path, "rb") as file:
         head = file.read(SNIFF_BYTES)
     if b"\0" in head:
         return False

@@ -9,6 +9,7 @@ and tensors are unpickled with `weights_only=True` (no code runs), whatever the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import zipfile
@@ -93,9 +94,8 @@ def fsync_directory(directory: Path) -> None:
     except OSError:  # not every platform opens directories
         return
     try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # some filesystems refuse to fsync a directory: the rename still stands
+            os.fsync(descriptor)
     finally:
         os.close(descriptor)
 
@@ -205,6 +205,9 @@ class Checkpoints(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = Path(trainer.default_root_dir) / "checkpoints"
+        if trainer.is_global_zero and self.dirpath.is_dir():  # temporary files of a save that was killed
+            for stale in self.dirpath.glob(".*.ckpt.partial-*"):
+                stale.unlink(missing_ok=True)
 
     @property
     def last(self) -> Path:

@@ -218,11 +218,16 @@ def test_a_checkpoint_with_damaged_bytes_is_refused_everywhere(tmp_path, capsys)
     assert "fails its checksum" in capsys.readouterr().err
 
 
-def test_resume_never_unpickles_code(tmp_path, capsys):
+def two_steps_then_resume(tmp_path: Path, capsys) -> tuple[Path, list[str]]:
+    """A run of 2 steps, and the arguments that resume it to 4."""
     run = tmp_path / "run"
     assert main(fit_arguments(tmp_path, run, "gpt2.yaml", "--trainer.max_steps", "2")) == 0
     capsys.readouterr()
-    resume = fit_arguments(tmp_path, run, "gpt2.yaml", "--trainer.max_steps", "4", "--ckpt_path", "last")
+    return run, fit_arguments(tmp_path, run, "gpt2.yaml", "--trainer.max_steps", "4", "--ckpt_path", "last")
+
+
+def test_resume_never_unpickles_code(tmp_path, capsys):
+    run, resume = two_steps_then_resume(tmp_path, capsys)
     assert main([*resume, "--weights_only", "false"]) == 2
     assert "--weights_only false would let a checkpoint run code" in capsys.readouterr().err
     planted = run / "checkpoints" / "last.ckpt"  # a pickle that would run code if unpickled without weights_only
@@ -235,10 +240,7 @@ def test_resume_never_unpickles_code(tmp_path, capsys):
 # --- resuming with changed settings ---------------------------------------------------------------------------
 
 def test_resume_refuses_a_changed_architecture_and_applies_a_changed_learning_rate(tmp_path, capsys):
-    run = tmp_path / "run"
-    assert main(fit_arguments(tmp_path, run, "gpt2.yaml", "--trainer.max_steps", "2")) == 0
-    capsys.readouterr()
-    resume = fit_arguments(tmp_path, run, "gpt2.yaml", "--trainer.max_steps", "4", "--ckpt_path", "last")
+    run, resume = two_steps_then_resume(tmp_path, capsys)
     assert main([*resume, "--model.backbone.hidden_size", "32"]) == 2
     error = capsys.readouterr().err
     assert "model.backbone.hidden_size: 64 in the checkpoint, 32 now" in error and "keeps its architecture" in error
@@ -272,3 +274,16 @@ def test_each_micro_batch_of_an_accumulated_step_draws_its_own_masks(tmp_path, m
     assert main(arguments) == 0
     assert len(selected) == 4 and all(s.shape == selected[0].shape for s in selected)
     assert not torch.equal(selected[0], selected[1]) and not torch.equal(selected[2], selected[3])
+
+
+def test_temporary_files_of_a_killed_save_are_removed_and_checkpoints_kept(tmp_path):
+    from pretrain.training.checkpoints import Checkpoints
+
+    (tmp_path / ".step-00000004.ckpt.partial-123").write_bytes(b"half")
+    (tmp_path / "last.ckpt").write_bytes(b"whole")
+
+    class Trainer:
+        is_global_zero = True
+
+    Checkpoints(str(tmp_path)).setup(Trainer(), None, "fit")
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"] and (tmp_path / "last.ckpt").read_bytes() == b"whole"
