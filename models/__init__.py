@@ -1,11 +1,23 @@
 """Pure PyTorch models: the configurable Transformer backbone, its heads, and Hugging Face weight interop."""
 
 from models.config import PRESETS, TransformerConfig
-from models.heads import ClassificationHead, Head, LMHead, ModelWithHeads, Pooler, TokenScorer, build_head, head_spec
+from models.heads import (
+    ClassificationHead,
+    Head,
+    LastTokenClassifier,
+    LMHead,
+    ModelWithHeads,
+    Pooler,
+    SequenceHead,
+    TokenScorer,
+    build_head,
+    head_spec,
+)
 from models.hf import from_hf, to_hf
 from models.transformer import Transformer
 
 __all__ = [
-    "PRESETS", "TransformerConfig", "Transformer", "Head", "LMHead", "Pooler", "ClassificationHead", "TokenScorer",
+    "PRESETS", "TransformerConfig", "Transformer", "Head", "LMHead", "Pooler", "ClassificationHead", "SequenceHead",
+    "LastTokenClassifier", "TokenScorer",
     "ModelWithHeads", "head_spec", "build_head", "from_hf", "to_hf",
 ]

@@ -12,6 +12,7 @@ import importlib
 from functools import partial
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from models.config import TransformerConfig
@@ -74,6 +75,14 @@ class LMHead(Head):
         self.bias = nn.Parameter(word_embeddings.weight.new_zeros(config.vocab_size)) if bias else None
         self.transform.apply(partial(init_weights, std=config.initializer_range))
 
+    def retie(self, backbone: Transformer) -> None:
+        """Tie to the backbone's (grown) embedding matrix again; the bias gets zeros for the new tokens."""
+        self.weight = backbone.embeddings.word.weight
+        if self.bias is not None and len(self.bias) < len(self.weight):
+            grown = self.bias.new_zeros(len(self.weight))
+            grown[: len(self.bias)] = self.bias.detach()
+            self.bias = nn.Parameter(grown)
+
     def forward(self, hidden_states: Tensor) -> Tensor:
         """(..., H) -> logits (..., V). Gather the positions you need first: the V-wide matmul dominates."""
         return nn.functional.linear(self.transform(hidden_states), self.weight, self.bias)
@@ -91,19 +100,55 @@ class Pooler(nn.Module):
         return self.dense(hidden_states[:, 0]).tanh()
 
 
-class ClassificationHead(Head):
-    """[CLS] pooler, dropout, linear classifier: NSP, SOP and sequence-level fine-tuning. (B, T, H) -> (B, labels)"""
+class SequenceHead(Head):
+    """A sequence-level head: `pool` makes one vector per row, `classify` (dropout, linear) maps it to labels;
+    `forward` is the two in a row. They are separate so that fine-tuning can add the vectors of two inputs first
+    (GPT-1's symmetric pairs). (B, T, H) -> (B, labels)"""
 
     def __init__(self, backbone: Transformer, num_labels: int = 2, dropout: float | None = None):
         super().__init__(num_labels=num_labels, dropout=dropout)
         config = backbone.config
-        self.pooler = Pooler(config)
         self.dropout = nn.Dropout(config.dropout if dropout is None else dropout)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         init_weights(self.classifier, config.initializer_range)
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        return self.classifier(self.dropout(self.pooler(hidden_states)))
+    def pool(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(B, T, H), (B, T) 1 for real tokens -> (B, H)"""
+        raise NotImplementedError
+
+    def classify(self, features: Tensor) -> Tensor:
+        """(B, H) -> (B, labels)"""
+        return self.classifier(self.dropout(features))
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.classify(self.pool(hidden_states, attention_mask))
+
+
+class ClassificationHead(SequenceHead):
+    """BERT's: [CLS] pooler, dropout, linear classifier: NSP, SOP and encoder fine-tuning. (B, T, H) -> (B, labels)"""
+
+    def __init__(self, backbone: Transformer, num_labels: int = 2, dropout: float | None = None):
+        super().__init__(backbone, num_labels, dropout)
+        self.pooler = Pooler(backbone.config)
+
+    def pool(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.pooler(hidden_states)
+
+
+def last_token(hidden_states: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """Each row's hidden state at its last real token, rows padded on the right. (B, T, H), (B, T) -> (B, H)"""
+    if attention_mask is None:
+        return hidden_states[:, -1]
+    last = (attention_mask.sum(1) - 1).clamp(min=0)  # (B,)
+    return hidden_states[torch.arange(len(hidden_states), device=hidden_states.device), last]
+
+
+class LastTokenClassifier(SequenceHead):
+    """GPT-1's task head: dropout and a linear classifier on the hidden state of each row's last real token (the
+    extract token), the one position a causal model has let see the whole input. (B, T, H) -> (B, labels)"""
+
+    def pool(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return last_token(hidden_states, attention_mask)
 
 
 class TokenScorer(Head):
@@ -132,6 +177,14 @@ class ModelWithHeads(nn.Module):
     @property
     def config(self) -> TransformerConfig:
         return self.backbone.config
+
+    def resize_vocabulary(self, vocab_size: int) -> None:
+        """Grow the token embeddings to `vocab_size` rows (tokens added to the tokenizer) and tie the LM heads to
+        them again."""
+        self.backbone.resize_vocabulary(vocab_size)
+        for head in self.heads.values():
+            if isinstance(head, LMHead):
+                head.retie(self.backbone)
 
     def forward(self, input_ids: Tensor, **backbone_inputs) -> dict[str, Tensor]:
         """Every head's output on the full hidden states, keyed by head name, plus "hidden_states" (B, T, H)."""

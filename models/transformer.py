@@ -7,6 +7,7 @@ N heads, D head size.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 
@@ -261,6 +262,19 @@ class Transformer(nn.Module):
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_layers)
+
+    def resize_vocabulary(self, vocab_size: int) -> None:
+        """Grow the token embeddings to `vocab_size` rows, the new ones initialised as at the start (for tokens
+        added to the tokenizer); heads tied to the embeddings must be tied again (`ModelWithHeads`)."""
+        old = self.embeddings.word
+        if vocab_size < old.num_embeddings:
+            raise ValueError(f"the vocabulary can only grow: {vocab_size} < {old.num_embeddings}")
+        word = nn.Embedding(vocab_size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        init_weights(word, self.config.initializer_range)
+        with torch.no_grad():
+            word.weight[: old.num_embeddings] = old.weight
+        self.embeddings.word = word
+        self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
 
     def num_parameters(self) -> int:
         """Distinct parameters (shared and tied ones counted once)."""

@@ -53,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="draw a run's loss curves (one panel per objective) as a PNG")
     plot.add_argument("run_dir", type=Path, help="the run directory of pretrain fit (trainer.default_root_dir)")
     plot.add_argument("-o", "--out", type=Path, default=Path("curves.png"), help="the PNG to write")
-    tune = commands.add_parser("finetune", help="fine-tune a pretrained encoder on a GLUE task or your own data")
+    tune = commands.add_parser("finetune", help="fine-tune a pretrained model on a GLUE task or your own data "
+                                                 "(encoders on [CLS]; causal models as GPT-1)")
     tune.add_argument("--model", type=Path, required=True, help="a .ckpt, an exported or a Hugging Face directory")
     tune.add_argument("--task", help=f"a GLUE task ({', '.join(GLUE)}) read from --data-dir, or a name for "
                                      "your own --train/--dev data")
@@ -64,6 +65,8 @@ def parser() -> argparse.ArgumentParser:
     tune.add_argument("--pair-column", default=None, help="the second text of sentence-pair tasks")
     tune.add_argument("--label-column", default="label")
     tune.add_argument("--regression", action="store_true", help="the labels are numbers to predict (MSE loss)")
+    tune.add_argument("--symmetric", action="store_true",
+                      help="the pair's order carries no meaning: causal models read both orders (GPT-1's similarity)")
     add_finetune_options(tune)
     glue = commands.add_parser("glue", help="fine-tune on every GLUE task found in a directory; scores and average")
     glue.add_argument("--model", type=Path, required=True, help="a .ckpt, an exported or a Hugging Face directory")
@@ -87,6 +90,8 @@ def add_finetune_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--warmup-ratio", type=float, default=0.1)
     command.add_argument("--from-scratch", action="store_true",
                          help="random weights of the same architecture and tokenizer (the baseline)")
+    command.add_argument("--lm-weight", type=float, default=0.5,
+                         help="causal models: weight of the auxiliary language-model loss (GPT-1: 0.5; 0: off)")
 
 
 def finetune_settings(args: argparse.Namespace):
@@ -99,10 +104,12 @@ def finetune_settings(args: argparse.Namespace):
         raise UserError(f"--seeds takes comma-separated integers, e.g. 1,2,3; got {args.seeds!r}") from None
     if args.epochs < 1 or args.batch_size < 1 or args.learning_rate <= 0:
         raise UserError("--epochs and --batch-size must be at least 1 and --learning-rate positive")
+    if args.max_length < 4 or not args.lm_weight >= 0:
+        raise UserError("--max-length must be at least 4 and --lm-weight at least 0")
     check_new_directory(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     return seeds, Settings(args.epochs, args.learning_rate, args.batch_size, args.max_length, args.weight_decay,
-                           args.warmup_ratio, args.from_scratch)
+                           args.warmup_ratio, args.from_scratch, args.lm_weight)
 
 
 def finetune_command(args: argparse.Namespace) -> None:
@@ -113,7 +120,7 @@ def finetune_command(args: argparse.Namespace) -> None:
         if not (args.train and args.dev):
             raise UserError("give both --train and --dev for your own task")
         task = Task(args.task or args.train.stem, text=args.text_column, pair=args.pair_column,
-                    label=args.label_column, regression=args.regression,
+                    label=args.label_column, regression=args.regression, symmetric=args.symmetric,
                     metrics=("pearson", "spearman") if args.regression else ("accuracy",))
         train, dev = args.train, args.dev
     elif args.task and args.data_dir:

@@ -1,5 +1,7 @@
-"""Fine-tuning a pretrained encoder on a downstream task: a classification (or regression) head on [CLS], dev
-evaluation with the task's official metrics each epoch, the best epoch kept, several seeds summarised."""
+"""Fine-tuning a pretrained model on a downstream task, dev evaluation with the task's official metrics each epoch,
+the best epoch kept, several seeds summarised. An encoder gets a classification (or regression) head on [CLS]; a
+causal model is fine-tuned as GPT-1 is: its input transformed into `start A delim B extract`, a linear head on the
+last real token, and the language-model loss on the same inputs added with weight `lm_weight`."""
 
 from __future__ import annotations
 
@@ -14,11 +16,19 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 from torch import Tensor, nn
 
-from models import ClassificationHead, ModelWithHeads, Transformer
-from pretrain.downstream.inputs import pad_pairs, task_output
+from models import (
+    ClassificationHead,
+    LastTokenClassifier,
+    LMHead,
+    ModelWithHeads,
+    SequenceHead,
+    Transformer,
+    build_head,
+    head_spec,
+)
+from pretrain.downstream.inputs import Row, task_batch, task_output
 from pretrain.downstream.pretrained import Pretrained, load
 from pretrain.downstream.tasks import Task, compute_metrics, label_ids, read_examples, score
-from pretrain.errors import UserError
 from pretrain.training.optim import build_optimizer, schedule_factor
 
 
@@ -31,15 +41,15 @@ class Settings:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     from_scratch: bool = False  # same architecture and tokenizer, random weights: the baseline
+    lm_weight: float = 0.5  # causal models: weight of the auxiliary LM loss (GPT-1's lambda); 0 turns it off
 
 
 class TaskExamples(torch.utils.data.Dataset):
-    """Tokenized examples (ids and segment ids, [CLS] A [SEP] (B [SEP])) and their targets."""
+    """Tokenized examples (`Pretrained.task_inputs`: one or two inputs of ids and segment ids each) and their
+    targets."""
 
-    def __init__(self, pretrained: Pretrained, texts: list[str], pairs: list[str] | None, targets: Tensor,
-                 max_length: int):
-        self.rows = pretrained.tokenize_pairs(texts, pairs, max_length)
-        self.targets = targets
+    def __init__(self, rows: list[list[Row]], targets: Tensor):
+        self.rows, self.targets = rows, targets
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -50,29 +60,39 @@ class TaskExamples(torch.utils.data.Dataset):
 
 def collate(pad_id: int):
     def stack(items) -> dict[str, Tensor]:
-        return pad_pairs([row for row, _ in items], pad_id) | {"targets": torch.stack([t for _, t in items])}
+        return task_batch([row for row, _ in items], pad_id) | {"targets": torch.stack([t for _, t in items])}
     return stack
 
 
 class FineTuningModule(pl.LightningModule):
-    """Backbone + task head; cross-entropy (classification) or MSE (regression); keeps the weights of the best
-    dev epoch (by the mean of the task's metrics)."""
+    """Backbone + task head; cross-entropy (classification) or MSE (regression), plus `lm_weight` times the
+    next-token loss when an LM head is given (causal models); keeps the weights of the best dev epoch (by the mean of
+    the task's metrics)."""
 
-    def __init__(self, backbone: Transformer, head: nn.Module, task: Task, num_labels: int,
-                 settings: Settings):
+    def __init__(self, backbone: Transformer, head: SequenceHead, task: Task, num_labels: int,
+                 settings: Settings, lm_head: LMHead | None = None):
         super().__init__()
         self.backbone, self.head, self.task, self.num_labels, self.settings = backbone, head, task, num_labels, settings
+        self.lm_head = lm_head if settings.lm_weight else None
         self.best: tuple[float, dict[str, float], int, dict[str, Tensor]] | None = None
         self._outputs: list[tuple[Tensor, Tensor]] = []
         self.history: list[dict[str, float]] = []
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        return task_output(self.backbone, self.head, batch, self.task.regression)
+        return task_output(self.backbone, self.head, batch, self.task.regression)[0]
+
+    def task_loss(self, output: Tensor, targets: Tensor) -> Tensor:
+        if self.task.regression:
+            return nn.functional.mse_loss(output.float(), targets.float())
+        return nn.functional.cross_entropy(output.float(), targets)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        output = self(batch)
-        loss = (nn.functional.mse_loss(output.float(), batch["targets"].float()) if self.task.regression
-                else nn.functional.cross_entropy(output.float(), batch["targets"]))
+        output, lm_loss = task_output(self.backbone, self.head, batch, self.task.regression, self.lm_head)
+        loss = self.task_loss(output, batch["targets"])
+        if lm_loss is not None:
+            self.log("train/task_loss", loss)
+            self.log("train/lm_loss", lm_loss)
+            loss = loss + self.settings.lm_weight * lm_loss
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -109,6 +129,25 @@ def label_set(task: Task, train_labels: list[str]) -> tuple[str, ...]:
     return task.labels or tuple(sorted(set(train_labels)))
 
 
+def task_model(pretrained: Pretrained, num_labels: int, from_scratch: bool
+               ) -> tuple[Transformer, SequenceHead, LMHead | None]:
+    """The backbone to fine-tune (the pretrained one, or random weights of the same architecture: the baseline), a
+    new task head, and for a causal model its LM head on that backbone (for the auxiliary loss; None if it has none).
+    An encoder's head reads [CLS] (starting from BERT's or ALBERT's trained NSP/SOP pooler where there is one), a
+    causal model's the last real token (GPT-1)."""
+    backbone = Transformer(pretrained.config) if from_scratch else pretrained.model.backbone
+    heads = pretrained.model.heads.values()
+    if pretrained.config.causal:
+        source = next((h for h in heads if isinstance(h, LMHead)), None)
+        lm_head = source if source is None or not from_scratch else build_head(head_spec(source), backbone)
+        return backbone, LastTokenClassifier(backbone, num_labels=num_labels), lm_head
+    head = ClassificationHead(backbone, num_labels=num_labels)
+    source = next((h for h in heads if isinstance(h, ClassificationHead)), None)
+    if source is not None and not from_scratch:
+        head.pooler.load_state_dict(source.pooler.state_dict())
+    return backbone, head, None
+
+
 def finetune_once(model_path: str | Path, task: Task, labels: tuple[str, ...], train_data: TaskExamples,
                   dev_data: TaskExamples, seed: int, settings: Settings, out: Path) -> dict:
     """One seed, from the model's weights as saved (read anew: the seed's random draws are those of a fresh
@@ -116,33 +155,35 @@ def finetune_once(model_path: str | Path, task: Task, labels: tuple[str, ...], t
     `.predict`). Returns the best epoch's metrics."""
     pl.seed_everything(seed, verbose=False)
     pretrained = load(model_path)
-    config = pretrained.config
+    info = {"name": task.name, "labels": list(labels), "regression": task.regression, "pair": task.pair is not None,
+            "max_length": settings.max_length}
+    if pretrained.config.causal:
+        info |= {"gpt_tokens": pretrained.gpt_tokens()[0], "symmetric": symmetric(task)}
     num_labels = 1 if task.regression else len(labels)
-    backbone = pretrained.model.backbone
-    if settings.from_scratch:
-        backbone = Transformer(config)  # same architecture and tokenizer, random weights
-    head = ClassificationHead(backbone, num_labels=num_labels)
-    # BERT's and ALBERT's pair classifiers (NSP, SOP) have a trained [CLS] pooler: start from it
-    source = next((h for h in pretrained.model.heads.values() if isinstance(h, ClassificationHead)), None)
-    if source is not None and not settings.from_scratch:
-        head.pooler.load_state_dict(source.pooler.state_dict())  # BERT starts from its NSP pooler
+    backbone, head, lm_head = task_model(pretrained, num_labels, settings.from_scratch)
     loaders = [torch.utils.data.DataLoader(data, batch_size=settings.batch_size, shuffle=shuffle,
                                            collate_fn=collate(pretrained.pad_id),
                                            generator=torch.Generator().manual_seed(seed))
                for data, shuffle in ((train_data, True), (dev_data, False))]
-    module = FineTuningModule(backbone, head, task, num_labels, settings)
+    module = FineTuningModule(backbone, head, task, num_labels, settings, lm_head)
     module.train()  # `load` gives the model in eval mode; Lightning keeps each module's mode: dropout must be on
     trainer = pl.Trainer(max_epochs=settings.epochs, logger=CSVLogger(out, name="", version=""),
                          enable_checkpointing=False, num_sanity_val_steps=0, enable_model_summary=False,
-                         enable_progress_bar=False, log_every_n_steps=50)
+                         enable_progress_bar=False,
+                         log_every_n_steps=min(50, len(loaders[0])))  # at least once an epoch
     trainer.fit(module, *loaders)
     best_score, metrics, epoch, state = module.best
     module.load_state_dict(state)
-    model = ModelWithHeads(module.backbone, {"task": module.head})
-    info = {"name": task.name, "labels": list(labels), "regression": task.regression, "pair": task.pair is not None,
-            "max_length": settings.max_length}
-    Pretrained(model, pretrained.tokenizer, task=info).save(out / "model")
+    heads = {"task": module.head}
+    if lm_head is not None:  # a fine-tuned causal model still generates
+        heads |= {name: lm_head for name, h in pretrained.model.heads.items() if isinstance(h, LMHead)}
+    Pretrained(ModelWithHeads(module.backbone, heads), pretrained.tokenizer, task=info).save(out / "model")
     return {"seed": seed, "best_epoch": epoch, "score": best_score, **metrics, "history": module.history}
+
+
+def symmetric(task: Task) -> bool:
+    """Whether a causal model reads the task's pairs in both orders (GPT-1 on similarity tasks)."""
+    return task.symmetric and task.pair is not None
 
 
 def summarise(runs: list[dict], metrics: tuple[str, ...]) -> dict[str, dict[str, float]]:
@@ -157,14 +198,20 @@ def finetune(model_path: str | Path, task: Task, train_path: Path, dev_path: Pat
     for name in ("pytorch_lightning", "lightning_fabric"):  # one line per seed is enough
         logging.getLogger(name).setLevel(logging.WARNING)
     pretrained = load(model_path)  # the data are read and tokenized once for all seeds
+    gpt_tokens = None
     if pretrained.config.causal:
-        raise UserError("fine-tuning needs an encoder (a bidirectional model such as BERT, ALBERT or ELECTRA); "
-                        f"{model_path} is a causal LM")
+        gpt_tokens, added = pretrained.gpt_tokens()
+        names = {role: pretrained.tokenizer.id_to_token(i) for role, i in gpt_tokens.items()}
+        print(f"GPT-1 inputs: start {names['start']!r}, delimiter {names['delim']!r}, extract {names['extract']!r}"
+              + (f" (added to the tokenizer, with new embedding rows: {', '.join(added)})" if added else "")
+              + (", both orders of each pair" if symmetric(task) else "")
+              + (f"; auxiliary LM loss weight {settings.lm_weight}" if settings.lm_weight else ""), flush=True)
     train, dev = read_examples(task, train_path), read_examples(task, dev_path)
     labels = label_set(task, train.labels)
     train_data, dev_data = (
-        TaskExamples(pretrained, split.texts, split.pairs, label_ids(task, split.labels, labels, path),
-                     settings.max_length) for split, path in ((train, train_path), (dev, dev_path)))
+        TaskExamples(pretrained.task_inputs(split.texts, split.pairs, settings.max_length, gpt_tokens,
+                                            symmetric(task)), label_ids(task, split.labels, labels, path))
+        for split, path in ((train, train_path), (dev, dev_path)))
     runs = []
     for seed in seeds:
         runs.append(finetune_once(model_path, task, labels, train_data, dev_data, seed, settings,

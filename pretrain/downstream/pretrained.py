@@ -22,7 +22,7 @@ from models import LMHead, ModelWithHeads, Transformer, TransformerConfig, build
 from pretrain import __version__
 from pretrain.data.tokenizer import load_tokenizer, plain, special_ids
 from pretrain.downstream.generate import LanguageModel, Strategy, generate, perplexity
-from pretrain.downstream.inputs import pad_pairs, right_pad, task_output
+from pretrain.downstream.inputs import Row, gpt_inputs, right_pad, task_batch, task_output
 from pretrain.errors import UserError
 from pretrain.training.checkpoints import read_checkpoint
 
@@ -58,14 +58,48 @@ class Pretrained:
         encodings = self.tokenizer.encode_batch(texts, add_special_tokens=not self.config.causal)
         return [e.ids[: self.config.max_position_embeddings] for e in encodings]
 
-    def tokenize_pairs(self, texts: list[str], pairs: list[str] | None, max_length: int
-                       ) -> list[tuple[list[int], list[int]]]:
+    def tokenize_pairs(self, texts: list[str], pairs: list[str] | None, max_length: int) -> list[Row]:
         """(ids, segment ids) of [CLS] A [SEP] or [CLS] A [SEP] B [SEP] (the tokenizer's templates), cut to
         `max_length` (the longer text first)."""
         tokenizer = Tokenizer.from_str(self.tokenizer.to_str())  # truncation is set on a copy
         tokenizer.enable_truncation(min(max_length, self.config.max_position_embeddings))
         inputs = list(zip(texts, pairs, strict=True)) if pairs is not None else texts
         return [(e.ids, e.type_ids) for e in tokenizer.encode_batch(inputs)]
+
+    def gpt_tokens(self) -> tuple[dict[str, int], list[str]]:
+        """The start, delimiter and extract tokens of GPT-1's input transformation, and the tokens added for it.
+        The tokenizer's own document boundary (its separator or end-of-text token) where it has one: a causal model
+        pretrained here saw it between documents. Where it has none, new special tokens are added to the tokenizer
+        and the model's embeddings grow by as many rows (random, learned in fine-tuning), as in GPT-1."""
+        special, added = self.special, []
+        found = {"start": special.sep if special.sep is not None else special.eos,
+                 "delim": special.sep if special.sep is not None else special.eos,
+                 "extract": special.eos if special.eos is not None else special.sep}
+        tokens = {}
+        for role, token_id in found.items():
+            if token_id is None:
+                name = f"<|{role}|>"
+                self.tokenizer.add_special_tokens([name])
+                token_id = self.tokenizer.token_to_id(name)
+                added.append(name)
+            tokens[role] = token_id
+        if self.tokenizer.get_vocab_size() > self.config.vocab_size:
+            self.model.resize_vocabulary(self.tokenizer.get_vocab_size())
+        return tokens, added
+
+    def task_inputs(self, texts: list[str], pairs: list[str] | None, max_length: int,
+                    gpt_tokens: dict[str, int] | None = None, symmetric: bool = False) -> list[list[Row]]:
+        """Each example as model inputs: an encoder's [CLS] A [SEP] (B [SEP]); a causal model's GPT-1 transformation
+        with `gpt_tokens` (`gpt_tokens()`), both orders of a pair when `symmetric`."""
+        max_length = min(max_length, self.config.max_position_embeddings)
+        if not self.config.causal:
+            return [[row] for row in self.tokenize_pairs(texts, pairs, max_length)]
+        if gpt_tokens is None:
+            raise ValueError("a causal model's task inputs need the GPT-1 tokens (Pretrained.gpt_tokens)")
+        first = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        second = ([e.ids for e in self.tokenizer.encode_batch(pairs, add_special_tokens=False)] if pairs is not None
+                  else [None] * len(first))
+        return [gpt_inputs(a, b, gpt_tokens, max_length, symmetric) for a, b in zip(first, second, strict=True)]
 
     @torch.no_grad()
     def predict(self, texts: list[str] | str, pairs: list[str] | None = None, batch_size: int = 64) -> list:
@@ -76,11 +110,13 @@ class Pretrained:
         if self.task["pair"] != (pairs is not None):
             raise UserError(f"the task {self.task['name']} takes " + ("text pairs: give pairs" if self.task["pair"]
                                                                       else "single texts: give no pairs"))
-        rows = self.tokenize_pairs(texts, pairs, self.task["max_length"])
+        examples = self.task_inputs(texts, pairs, self.task["max_length"], self.task.get("gpt_tokens"),
+                                    self.task.get("symmetric", False))
+        device = next(self.model.parameters()).device
         out: list = []
-        for start in range(0, len(rows), batch_size):
-            batch = pad_pairs(rows[start:start + batch_size], self.pad_id)
-            output = task_output(self.model.backbone, self.model.heads["task"], batch, self.task["regression"])
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in task_batch(examples[start:start + batch_size], self.pad_id).items()}
+            output, _ = task_output(self.model.backbone, self.model.heads["task"], batch, self.task["regression"])
             out += output.tolist() if self.task["regression"] else [self.task["labels"][i]
                                                                    for i in output.argmax(-1).tolist()]
         return out

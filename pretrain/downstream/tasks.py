@@ -29,6 +29,7 @@ class Task:
     pair: str | int | None = None
     labels: tuple[str, ...] | None = None
     regression: bool = False
+    symmetric: bool = False  # the pair's order carries no meaning (similarity, paraphrase): GPT-1 reads both orders
     metrics: tuple[Metric, ...] = ("accuracy",)
     header: bool = True
     train_file: str = "train.tsv"
@@ -39,11 +40,11 @@ class Task:
 GLUE: dict[str, Task] = {t.name: t for t in [
     Task("cola", text=3, label=1, labels=("0", "1"), metrics=("matthews",), header=False, directory="CoLA"),
     Task("sst2", text="sentence", label="label", labels=("0", "1"), directory="SST-2"),
-    Task("mrpc", text="#1 String", pair="#2 String", label="Quality", labels=("0", "1"), metrics=("f1", "accuracy"),
-         directory="MRPC"),
-    Task("stsb", text="sentence1", pair="sentence2", label="score", regression=True,
+    Task("mrpc", text="#1 String", pair="#2 String", label="Quality", labels=("0", "1"), symmetric=True,
+         metrics=("f1", "accuracy"), directory="MRPC"),
+    Task("stsb", text="sentence1", pair="sentence2", label="score", regression=True, symmetric=True,
          metrics=("pearson", "spearman"), directory="STS-B"),
-    Task("qqp", text="question1", pair="question2", label="is_duplicate", labels=("0", "1"),
+    Task("qqp", text="question1", pair="question2", label="is_duplicate", labels=("0", "1"), symmetric=True,
          metrics=("accuracy", "f1"), directory="QQP"),
     Task("mnli", text="sentence1", pair="sentence2", label="gold_label",
          labels=("contradiction", "entailment", "neutral"), dev_file="dev_matched.tsv", directory="MNLI"),
