@@ -56,18 +56,28 @@ def parser() -> argparse.ArgumentParser:
     tune = commands.add_parser("finetune", help="fine-tune a pretrained model on a GLUE task or your own data "
                                                  "(encoders on [CLS]; causal models as GPT-1)")
     tune.add_argument("--model", type=Path, required=True, help="a .ckpt, an exported or a Hugging Face directory")
-    tune.add_argument("--task", help=f"a GLUE task ({', '.join(GLUE)}) read from --data-dir, or a name for "
-                                     "your own --train/--dev data")
-    tune.add_argument("--data-dir", type=Path, help="the GLUE directory (holding SST-2/, CoLA/, ...)")
-    tune.add_argument("--train", type=Path, help="your own training file: CSV, TSV or JSONL with a header")
-    tune.add_argument("--dev", type=Path, help="your own dev file, same columns")
-    tune.add_argument("--text-column", default="text")
-    tune.add_argument("--pair-column", default=None, help="the second text of sentence-pair tasks")
-    tune.add_argument("--label-column", default="label")
+    add_task_options(tune)
     tune.add_argument("--regression", action="store_true", help="the labels are numbers to predict (MSE loss)")
     tune.add_argument("--symmetric", action="store_true",
                       help="the pair's order carries no meaning: causal models read both orders (GPT-1's similarity)")
     add_finetune_options(tune)
+    shot = commands.add_parser("zero-shot", help="score a causal LM's label words after a prompt, zero- or few-shot "
+                                                 "(GPT-2, GPT-3): no training")
+    shot.add_argument("--model", type=Path, required=True, help="a causal .ckpt, exported or Hugging Face directory")
+    add_task_options(shot)
+    shot.add_argument("--template", required=True,
+                      help=r"the prompt, with {text} (and {pair}); \n is a newline, e.g. 'Review: {text}\nSentiment:'")
+    shot.add_argument("--labels", required=True,
+                      help="comma-separated label words, in the order of the task's labels (SST-2: 0, 1), spaces "
+                           "kept, e.g. ' negative, positive'")
+    shot.add_argument("--shots", type=int, default=0, help="labelled training examples put before each scored one")
+    shot.add_argument("--seed", type=int, default=0, help="the draw of the shots (balanced over the labels)")
+    shot.add_argument("--separator", default="\\n\\n", help="between the examples of a few-shot prompt")
+    shot.add_argument("--normalize", action="store_true",
+                      help="score a label word by its mean log-probability per token (default: the sum)")
+    shot.add_argument("--limit", type=int, default=None, help="score only the first N dev examples")
+    shot.add_argument("--batch-size", type=int, default=16)
+    shot.add_argument("--out", type=Path, default=None, help="also write the results as JSON to this file")
     glue = commands.add_parser("glue", help="fine-tune on every GLUE task found in a directory; scores and average")
     glue.add_argument("--model", type=Path, required=True, help="a .ckpt, an exported or a Hugging Face directory")
     glue.add_argument("--data-dir", type=Path, required=True, help="the GLUE directory (holding SST-2/, CoLA/, ...)")
@@ -77,6 +87,37 @@ def parser() -> argparse.ArgumentParser:
         commands.add_parser(name, help=f"{name} a YAML recipe: pretrain {name} -c configs/tiny/bert.yaml "
                                        f"(all options: pretrain {name} --help)")
     return root
+
+
+def add_task_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--task", help=f"a GLUE task ({', '.join(GLUE)}) read from --data-dir, or a name for "
+                                        "your own --train/--dev data")
+    command.add_argument("--data-dir", type=Path, help="the GLUE directory (holding SST-2/, CoLA/, ...)")
+    command.add_argument("--train", type=Path, help="your own training file: CSV, TSV or JSONL with a header")
+    command.add_argument("--dev", type=Path, help="your own dev file, same columns")
+    command.add_argument("--text-column", default="text")
+    command.add_argument("--pair-column", default=None, help="the second text of sentence-pair tasks")
+    command.add_argument("--label-column", default="label")
+
+
+def task_and_files(args: argparse.Namespace, need_train: bool = True):
+    """The task and its (train, dev) files from --task/--data-dir or --train/--dev; train may be None when not
+    needed."""
+    from pretrain.downstream.tasks import Task, glue_task
+
+    if args.train or args.dev:
+        if not args.dev or (need_train and not args.train):
+            raise UserError("give both --train and --dev for your own task" if need_train else
+                            "give --dev (the examples to score) for your own task")
+        regression = getattr(args, "regression", False)
+        task = Task(args.task or args.dev.stem, text=args.text_column, pair=args.pair_column,
+                    label=args.label_column, regression=regression, symmetric=getattr(args, "symmetric", False),
+                    metrics=("pearson", "spearman") if regression else ("accuracy",))
+        return task, args.train, args.dev
+    if args.task and args.data_dir:
+        task = glue_task(args.task)
+        return task, *(args.data_dir / task.directory / name for name in (task.train_file, task.dev_file))
+    raise UserError("give --task NAME --data-dir GLUE_DIR for a GLUE task, or --train and --dev files")
 
 
 def add_finetune_options(command: argparse.ArgumentParser) -> None:
@@ -114,24 +155,46 @@ def finetune_settings(args: argparse.Namespace):
 
 def finetune_command(args: argparse.Namespace) -> None:
     from pretrain.downstream.finetune import finetune, table
-    from pretrain.downstream.tasks import Task, glue_task
 
-    if args.train or args.dev:
-        if not (args.train and args.dev):
-            raise UserError("give both --train and --dev for your own task")
-        task = Task(args.task or args.train.stem, text=args.text_column, pair=args.pair_column,
-                    label=args.label_column, regression=args.regression, symmetric=args.symmetric,
-                    metrics=("pearson", "spearman") if args.regression else ("accuracy",))
-        train, dev = args.train, args.dev
-    elif args.task and args.data_dir:
-        task = glue_task(args.task)
-        train, dev = (args.data_dir / task.directory / name for name in (task.train_file, task.dev_file))
-    else:
-        raise UserError("give --task NAME --data-dir GLUE_DIR for a GLUE task, or --train and --dev files")
+    task, train, dev = task_and_files(args)
     seeds, settings = finetune_settings(args)
     results = finetune(args.model, task, train, dev, args.out, seeds, settings)
     print(table([(task.name, results["summary"])], {task.name: task.metrics}))
     print(f"results: {args.out / 'results.json'}; best model of each seed: {args.out}/seed-N/model")
+
+
+def zero_shot_command(args: argparse.Namespace) -> None:
+    import json
+
+    import pretrain
+    from pretrain.downstream.tasks import label_ids, read_examples
+    from pretrain.downstream.zeroshot import Prompting, evaluate, report, unescape
+
+    task, train_path, dev_path = task_and_files(args, need_train=False)
+    if args.shots < 0 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise UserError("--shots must be at least 0, --batch-size and --limit at least 1")
+    if args.shots and train_path is None:
+        raise UserError("few-shot prompts draw from labelled training examples: give --train")
+    settings = Prompting(unescape(args.template), [unescape(w) for w in args.labels.split(",")], args.shots,
+                         args.seed, unescape(args.separator), args.normalize, args.batch_size)
+    dev = read_examples(task, dev_path)
+    train = read_examples(task, train_path) if args.shots else None
+    labels = task.labels or tuple(sorted(set(dev.labels) | set(train.labels if train else [])))
+    if len(settings.label_words) != len(labels):
+        raise UserError(f"--labels gives {len(settings.label_words)} words for the task's {len(labels)} labels "
+                        f"{list(labels)}: give one per label, in that order, comma-separated")
+    if args.limit is not None:
+        dev.texts, dev.labels = dev.texts[:args.limit], dev.labels[:args.limit]
+        dev.pairs = dev.pairs[:args.limit] if dev.pairs is not None else None
+    model = pretrain.load(args.model)
+    results = evaluate(model, task, dev, label_ids(task, dev.labels, labels, dev_path), settings, train,
+                       label_ids(task, train.labels, labels, train_path).tolist() if train else ())
+    results["model"] = str(args.model)
+    print(report(results, labels))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results: {args.out}")
 
 
 def glue_command(args: argparse.Namespace) -> None:
@@ -236,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             finetune_command(args)
         elif args.command == "glue":
             glue_command(args)
+        elif args.command == "zero-shot":
+            zero_shot_command(args)
         elif args.command == "generate":
             generate_command(args)
         elif args.command == "evaluate-lm":

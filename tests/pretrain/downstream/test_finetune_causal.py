@@ -2,44 +2,23 @@
 auxiliary LM loss, symmetric pairs, tokens added where the tokenizer has none, and a tiny model that learns."""
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import pretrain
-from models import LastTokenClassifier, LMHead, Transformer, TransformerConfig
+from models import LastTokenClassifier, LMHead, Transformer
 from models.heads import last_token
-from pretrain.data.tokenizer import train_tokenizer
 from pretrain.downstream.finetune import FineTuningModule, Settings, finetune
 from pretrain.downstream.inputs import gpt_inputs, next_token_loss, task_batch, task_output, truncate_pair
 from pretrain.downstream.pretrained import Pretrained, model_with_heads
 from pretrain.downstream.tasks import Task
 from tests.helpers import run_cli
+from tests.pretrain.downstream.conftest import CLM_HEAD, causal_config
 from tests.pretrain.downstream.test_finetune import BAD, GOOD, sentiment_rows, write_jsonl
 
 TOKENS = {"start": 1, "delim": 2, "extract": 3}
-CLM_HEAD = {"clm": {"class_path": "models.heads.LMHead", "init_args": {"transform": False, "bias": False}}}
-
-
-def causal_config(vocab_size: int, **overrides) -> TransformerConfig:
-    return TransformerConfig.preset("gpt2-tiny", vocab_size=vocab_size, max_position_embeddings=64,
-                                    **{"dropout": 0.0, "attention_dropout": 0.0, **overrides})
-
-
-@pytest.fixture(scope="module")
-def causal_dir(tmp_path_factory) -> Path:
-    """A tiny random GPT (CLM head) with a byte-level BPE tokenizer, saved as an export directory."""
-    words = GOOD + BAD + ["the", "film", "was", "plot", "and", "a", "very"]
-    texts = [" ".join(np.random.default_rng(i).choice(words, 6)) for i in range(300)]
-    tokenizer = train_tokenizer(texts, "bpe", 300)
-    directory = tmp_path_factory.mktemp("gpt")
-    torch.manual_seed(0)
-    model = model_with_heads(causal_config(tokenizer.get_vocab_size(), dropout=0.1), CLM_HEAD)
-    Pretrained(model, tokenizer).save(directory)
-    return directory
 
 
 def test_single_and_pair_transformations_with_segments():
@@ -182,3 +161,15 @@ def test_a_tokenizer_without_special_tokens_gets_them_added_with_new_embedding_r
     assert saved.tokenizer.token_to_id("<|extract|>") == tokens["extract"]
     assert saved.predict(["the film was great"])[0] in ("0", "1")
 
+
+
+def test_glue_takes_a_causal_model(causal_dir, tmp_path):
+    (tmp_path / "SST-2").mkdir()
+    for split, seed in (("train", 0), ("dev", 1)):
+        lines = ["sentence\tlabel"] + [f"{r['text']}\t{r['label']}" for r in sentiment_rows(16, seed)]
+        (tmp_path / "SST-2" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    process = run_cli("glue", "--model", str(causal_dir), "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"),
+                      "--epochs", "1")
+    assert process.returncode == 0, process.stderr
+    assert "GPT-1 inputs" in process.stdout and "average score over 1 tasks" in process.stdout
+    assert json.loads((tmp_path / "out" / "glue.json").read_text())["tasks"]["sst2"]["accuracy"]["median"] >= 0
