@@ -29,7 +29,7 @@ def readme_commands() -> list[str]:
 
 def test_the_readme_has_commands_for_every_subcommand():
     used = {shlex.split(command)[1] for command in readme_commands()}
-    assert {"fit", "generate", "export", "plot", "evaluate-lm", "finetune", "glue", "tokenizer"} <= used
+    assert {"fit", "generate", "export", "plot", "evaluate-lm", "finetune", "glue", "tokenizer", "zero-shot"} <= used
 
 
 @pytest.mark.parametrize("command", readme_commands())

@@ -181,6 +181,14 @@ def finetune_once(model_path: str | Path, task: Task, labels: tuple[str, ...], t
     return {"seed": seed, "best_epoch": epoch, "score": best_score, **metrics, "history": module.history}
 
 
+def lm_loss_note(pretrained: Pretrained, lm_weight: float) -> str:
+    if not lm_weight:
+        return "; no auxiliary LM loss (--lm-weight 0)"
+    if not any(isinstance(head, LMHead) for head in pretrained.model.heads.values()):
+        return "; no auxiliary LM loss: the model has no LM head"
+    return f"; auxiliary LM loss weight {lm_weight}"
+
+
 def symmetric(task: Task) -> bool:
     """Whether a causal model reads the task's pairs in both orders (GPT-1 on similarity tasks)."""
     return task.symmetric and task.pair is not None
@@ -205,7 +213,7 @@ def finetune(model_path: str | Path, task: Task, train_path: Path, dev_path: Pat
         print(f"GPT-1 inputs: start {names['start']!r}, delimiter {names['delim']!r}, extract {names['extract']!r}"
               + (f" (added to the tokenizer, with new embedding rows: {', '.join(added)})" if added else "")
               + (", both orders of each pair" if symmetric(task) else "")
-              + (f"; auxiliary LM loss weight {settings.lm_weight}" if settings.lm_weight else ""), flush=True)
+              + lm_loss_note(pretrained, settings.lm_weight), flush=True)
     train, dev = read_examples(task, train_path), read_examples(task, dev_path)
     labels = label_set(task, train.labels)
     train_data, dev_data = (
