@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,6 +29,9 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "native") -> P
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         pretrained.save(staging) if format == "native" else pretrained.save_hf(staging)
+        mask = os.umask(0)
+        os.umask(mask)
+        staging.chmod(0o777 & ~mask)  # mkdtemp makes it 0700: the directory gets the mode mkdir would give it
         if out.exists():
             out.rmdir()
         staging.rename(out)

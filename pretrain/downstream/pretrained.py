@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +186,7 @@ class Pretrained:
                   "heads": {name: head_spec(head) for name, head in self.model.heads.items()}, "task": self.task}
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         self.tokenizer.save(str(directory / TOKENIZER_FILE))
+        with_umask([directory / name for name in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)])
 
     def save_hf(self, directory: str | Path) -> None:
         """A Hugging Face transformers directory (BertForPreTraining, AlbertForPreTraining, ElectraForPreTraining,
@@ -210,6 +212,16 @@ class Pretrained:
             tokenizer_object=self.tokenizer, model_max_length=self.config.max_position_embeddings,
             **{roles[role]: token for role, token in names.items() if role in roles})
         tokenizer.save_pretrained(directory)
+        with_umask([path for path in Path(directory).iterdir() if path.is_file()])
+
+
+def with_umask(files: list[Path]) -> None:
+    """Give files the mode the user's umask gives new files (0644 under the usual 022): safetensors writes its files
+    0600, readable by their owner only."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in files:
+        path.chmod(0o666 & ~mask)
 
 
 # The heads of models saved before heads described themselves (their names were the objectives'): how to rebuild them.

@@ -114,3 +114,22 @@ def test_a_checkpoint_saved_before_heads_described_themselves_still_loads(tmp_pa
     old = pretrain.load(tmp_path / "old.ckpt")
     ids = torch.tensor(new.tokenize(["To be, or not to be"]))
     assert all(torch.equal(new.model(ids)[k], old.model(ids)[k]) for k in ("mlm", "nsp"))
+
+
+@pytest.mark.parametrize("format", ["native", "hf"])
+def test_exported_files_get_the_users_umask_not_the_temporary_directorys(format, tokenizer, tmp_path):
+    import os
+    import stat
+
+    if format == "hf":
+        pytest.importorskip("transformers")
+    config = tiny_config(vocab_size=tokenizer.get_vocab_size(), causal=True, norm_position="pre", type_vocab_size=0)
+    Pretrained(model_with_heads(config, ["clm"]), tokenizer).save(tmp_path / "model")
+    previous = os.umask(0o027)
+    try:
+        export(tmp_path / "model", tmp_path / "out", format)
+    finally:
+        os.umask(previous)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "out").iterdir()}
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
+    assert "model.safetensors" in modes and set(modes.values()) == {0o640}, modes
