@@ -13,6 +13,15 @@ from pretrain.errors import UserError
 from pretrain.training.cli import LIGHTNING_COMMANDS, lightning_cli
 
 
+class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, where it has one worth showing (not None, not a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="pretrain", description=__doc__)
     root.add_argument("--version", action="version", version=f"pretrain {__version__}")
@@ -21,11 +30,14 @@ def parser() -> argparse.ArgumentParser:
     tokenizer = commands.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="action", required=True)
     train = tokenizer.add_parser("train", help="train WordPiece, byte-level BPE or Unigram on a corpus")
     train.add_argument("--corpus", nargs="+", required=True, help="files, globs or directories (text, JSONL, ...)")
-    train.add_argument("--kind", choices=["wordpiece", "bpe", "unigram"], required=True)
-    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--kind", choices=["wordpiece", "bpe", "unigram"], required=True,
+                       help="WordPiece (BERT), byte-level BPE (GPT-2, RoBERTa) or Unigram (ALBERT)")
+    train.add_argument("--vocab-size", type=int, required=True,
+                       help="tokens wanted (a small corpus may yield fewer: the command says so)")
     train.add_argument("--out", type=Path, required=True, help="directory for tokenizer.json (must not hold one)")
     train.add_argument("--text-field", default="text", help="the text column of JSONL, CSV or Parquet files")
-    train.add_argument("--documents-by", choices=["paragraph", "line"], default="paragraph")
+    train.add_argument("--documents-by", choices=["paragraph", "line"], default="paragraph",
+                       help="a document ends at a blank line, or at every line")
     train.add_argument("--clean", action="store_true", help="turn HTML <br /> tags into newlines, unescape entities")
     train.add_argument("--cased", action="store_true", help="keep case (WordPiece and Unigram lowercase by default)")
     export = commands.add_parser("export", help="write a checkpoint's model and tokenizer as a portable directory")
@@ -37,14 +49,15 @@ def parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="continue prompts with a causal model (greedy, sampling or beam)")
     gen.add_argument("model", type=Path, help="a .ckpt, an exported directory or a Hugging Face GPT-2 directory")
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
-    gen.add_argument("--strategy", choices=["greedy", "sample", "beam"], default="greedy")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--strategy", choices=["greedy", "sample", "beam"], default="greedy",
+                     help="how the next token is chosen")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add to each prompt")
     gen.add_argument("--temperature", type=float, default=1.0, help="sample: < 1 sharper, > 1 flatter")
     gen.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
     gen.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this probability")
-    gen.add_argument("--num-beams", type=int, default=4)
+    gen.add_argument("--num-beams", type=int, default=4, help="beam: hypotheses kept at each step")
     gen.add_argument("--length-penalty", type=float, default=1.0, help="beam: score = log-prob / length ** this")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="sample: the random draws")
     evaluate = commands.add_parser("evaluate-lm", help="token-level perplexity of a causal model on a text file")
     evaluate.add_argument("model", type=Path, help="a .ckpt, an exported directory or a Hugging Face GPT-2 directory")
     evaluate.add_argument("--data", type=Path, required=True, help="a UTF-8 text file, scored as one sequence")
@@ -76,13 +89,15 @@ def parser() -> argparse.ArgumentParser:
     shot.add_argument("--normalize", action="store_true",
                       help="score a label word by its mean log-probability per token (default: the sum)")
     shot.add_argument("--limit", type=int, default=None, help="score only the first N dev examples")
-    shot.add_argument("--batch-size", type=int, default=16)
+    shot.add_argument("--batch-size", type=int, default=16, help="prompts scored at once")
     shot.add_argument("--out", type=Path, default=None, help="also write the results as JSON to this file")
     glue = commands.add_parser("glue", help="fine-tune on every GLUE task found in a directory; scores and average")
     glue.add_argument("--model", type=Path, required=True, help="a .ckpt, an exported or a Hugging Face directory")
     glue.add_argument("--data-dir", type=Path, required=True, help="the GLUE directory (holding SST-2/, CoLA/, ...)")
     glue.add_argument("--tasks", default=None, help="a comma-separated subset, e.g. sst2,cola (default: all found)")
     add_finetune_options(glue)
+    for command in [*commands.choices.values(), *tokenizer.choices.values()]:
+        command.formatter_class = ShowDefaults
     for name in LIGHTNING_COMMANDS:  # listed here for --help; main() hands them to LightningCLI
         commands.add_parser(name, help=f"{name} a YAML recipe: pretrain {name} -c configs/tiny/bert.yaml "
                                        f"(all options: pretrain {name} --help)")
@@ -95,9 +110,9 @@ def add_task_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--data-dir", type=Path, help="the GLUE directory (holding SST-2/, CoLA/, ...)")
     command.add_argument("--train", type=Path, help="your own training file: CSV, TSV or JSONL with a header")
     command.add_argument("--dev", type=Path, help="your own dev file, same columns")
-    command.add_argument("--text-column", default="text")
+    command.add_argument("--text-column", default="text", help="the text of your own files (a header name)")
     command.add_argument("--pair-column", default=None, help="the second text of sentence-pair tasks")
-    command.add_argument("--label-column", default="label")
+    command.add_argument("--label-column", default="label", help="the label of your own files")
 
 
 def task_and_files(args: argparse.Namespace, need_train: bool = True):
@@ -123,12 +138,13 @@ def task_and_files(args: argparse.Namespace, need_train: bool = True):
 def add_finetune_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--out", type=Path, required=True, help="a new directory for models, logs and results")
     command.add_argument("--seeds", default="1", help="comma-separated seeds, e.g. 1,2,3: median and spread")
-    command.add_argument("--epochs", type=int, default=3)
-    command.add_argument("--learning-rate", type=float, default=1e-4)
-    command.add_argument("--batch-size", type=int, default=32)
-    command.add_argument("--max-length", type=int, default=128)
-    command.add_argument("--weight-decay", type=float, default=0.01)
-    command.add_argument("--warmup-ratio", type=float, default=0.1)
+    command.add_argument("--epochs", type=int, default=3, help="passes over the training set")
+    command.add_argument("--learning-rate", type=float, default=1e-4, help="AdamW's peak learning rate")
+    command.add_argument("--batch-size", type=int, default=32, help="examples per step")
+    command.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are cut)")
+    command.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
+    command.add_argument("--warmup-ratio", type=float, default=0.1,
+                         help="share of the steps with a linear warm-up (then linear decay to 0)")
     command.add_argument("--from-scratch", action="store_true",
                          help="random weights of the same architecture and tokenizer (the baseline)")
     command.add_argument("--lm-weight", type=float, default=0.5,
@@ -228,13 +244,13 @@ def glue_command(args: argparse.Namespace) -> None:
 
 
 def train_tokenizer_command(args: argparse.Namespace) -> None:
-    from pretrain.data.tokenizer import special_ids, train_tokenizer_on_files
+    from pretrain.data.tokenizer import size_note, special_ids, train_tokenizer_on_files
 
     target = args.out / "tokenizer.json"
     tokenizer, documents = train_tokenizer_on_files(args.corpus, args.kind, args.vocab_size, target, args.text_field,
                                                     args.documents_by, args.clean, lowercase=not args.cased)
-    print(f"saved {target}: {args.kind}, {tokenizer.get_vocab_size():,} tokens, trained on {documents:,} documents; "
-          f"special ids {special_ids(tokenizer)}")
+    print(f"saved {target}: {args.kind}, {tokenizer.get_vocab_size():,} tokens{size_note(tokenizer, args.vocab_size)}, "
+          f"trained on {documents:,} documents; special ids {special_ids(tokenizer)}")
 
 
 def generate_command(args: argparse.Namespace) -> None:

@@ -67,6 +67,8 @@ def cached_arrays(cache_dir: Path, key: str,
                 (partial / "COMPLETE").write_text("ok\n")
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(partial, final)
+                size = sum(path.stat().st_size for path in final.iterdir())
+                print(f"wrote the examples cache {final}: {size / 2**20:,.1f} MiB", flush=True)
     return load_arrays(final)
 
 

@@ -17,7 +17,7 @@ from pretrain.data.corpus import DocumentsBy, load_corpus, resolve_files
 from pretrain.data.packing import pack_stream, tokenize, tokenized_batches
 from pretrain.data.pairs import build_pairs, sentence_tokens
 from pretrain.data.streaming import StreamingBlocks
-from pretrain.data.tokenizer import TokenizerKind, load_tokenizer, special_ids, train_tokenizer_on_files
+from pretrain.data.tokenizer import TokenizerKind, load_tokenizer, size_note, special_ids, train_tokenizer_on_files
 from pretrain.errors import UserError
 
 
@@ -58,6 +58,23 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
             indices = indices[self.resume[1]:]
         self.resume = None
         return iter(indices)
+
+
+class TrainLoader(torch.utils.data.DataLoader):
+    """The training loader, resumable the way Lightning recognises (`state_dict` / `load_state_dict`, kept in the
+    checkpoint's loop state): its state is the data position, the epoch and the batches consumed in it (counted by
+    the DataModule after transfer, since Lightning and the workers fetch ahead); loading it makes the next pass
+    continue that epoch where it stopped."""
+
+    def __init__(self, *args, datamodule: PretrainingDataModule, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.datamodule = datamodule
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.datamodule.position)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.datamodule.start_at(self, state)
 
 
 def collate(examples: list[dict[str, np.ndarray]], separate_documents: bool = True) -> Batch:
@@ -139,8 +156,11 @@ class PretrainingDataModule(pl.LightningDataModule):
                 if not Path(tokenizer).exists():
                     print(f"training a {train_tokenizer} tokenizer ({tokenizer_vocab_size:,} tokens) on {files}: "
                           f"{tokenizer} (once; later runs read it)", flush=True)
-                    train_tokenizer_on_files(files, train_tokenizer, tokenizer_vocab_size, tokenizer, text_field,
-                                             documents_by, clean, cache_dir=Path(cache_dir) / "datasets")
+                    trained, _ = train_tokenizer_on_files(files, train_tokenizer, tokenizer_vocab_size, tokenizer,
+                                                          text_field, documents_by, clean,
+                                                          cache_dir=Path(cache_dir) / "datasets")
+                    print(f"wrote {tokenizer}: {trained.get_vocab_size():,} tokens"
+                          + size_note(trained, tokenizer_vocab_size), flush=True)
         self.tokenizer = load_tokenizer(tokenizer)
         self.special = special_ids(self.tokenizer)
         if self.special.sep is None and self.special.eos is None:
@@ -230,18 +250,28 @@ class PretrainingDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         dataset, hp = self.datasets["train"], self.hparams
-        resume = self._resume_from
-        self._resume_from = None
         if isinstance(dataset, StreamingBlocks):
-            dataset.resume_batches = resume["batches"] if resume else 0
+            dataset.resume_batches = 0
             dataset.batch_size = hp.batch_size
-            return self._loader(dataset, sampler=None)
-        sampler = ResumableSampler(dataset, shuffle=True, seed=hp.seed)
-        if resume:
-            sampler.resume = (resume["epoch"], resume["batches"] * hp.batch_size)
-        # Every training step the same shape (one compiled graph, no recompilation at an epoch's end): an epoch's
-        # last partial batch is dropped, unless the split is smaller than one batch.
-        return self._loader(dataset, sampler, drop_last=len(sampler) >= hp.batch_size)
+            loader = self._loader(dataset, sampler=None, train=True)
+        else:
+            # Every training step the same shape (one compiled graph, no recompilation at an epoch's end): an epoch's
+            # last partial batch is dropped, unless the split is smaller than one batch.
+            sampler = ResumableSampler(dataset, shuffle=True, seed=hp.seed)
+            loader = self._loader(dataset, sampler, drop_last=len(sampler) >= hp.batch_size, train=True)
+        if self._resume_from is not None:  # a checkpoint of an earlier version kept the position here
+            self.start_at(loader, self._resume_from)
+            self._resume_from = None
+        return loader
+
+    def start_at(self, loader: torch.utils.data.DataLoader, position: dict[str, int]) -> None:
+        """Make the loader's next pass continue epoch `position["epoch"]` after its first `position["batches"]`
+        batches, and count on from there."""
+        self.position = dict(position)
+        if isinstance(loader.dataset, StreamingBlocks):
+            loader.dataset.resume_batches = position["batches"]
+        else:
+            loader.sampler.resume = (position["epoch"], position["batches"] * self.hparams.batch_size)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         if "val" not in self.datasets:
@@ -250,14 +280,15 @@ class PretrainingDataModule(pl.LightningDataModule):
         sampler = None if isinstance(dataset, StreamingBlocks) else ResumableSampler(dataset, False, self.hparams.seed)
         return self._loader(dataset, sampler)
 
-    def _loader(self, dataset: torch.utils.data.Dataset, sampler: ResumableSampler | None, drop_last: bool = False
-                ) -> torch.utils.data.DataLoader:
+    def _loader(self, dataset: torch.utils.data.Dataset, sampler: ResumableSampler | None, drop_last: bool = False,
+                train: bool = False) -> torch.utils.data.DataLoader:
         """Every loader has its own generator (the workers' base seed): loading never draws from the global RNG,
         which dropout uses and checkpoints restore. Batches are pinned where a GPU will take them (asynchronous
-        copies)."""
+        copies). The training loader is a `TrainLoader`, whose position Lightning saves and restores."""
         workers = self.hparams.num_workers
-        return torch.utils.data.DataLoader(
-            dataset, batch_size=self.hparams.batch_size, sampler=sampler, num_workers=workers,
+        extra = {"datamodule": self} if train else {}
+        return (TrainLoader if train else torch.utils.data.DataLoader)(
+            dataset, **extra, batch_size=self.hparams.batch_size, sampler=sampler, num_workers=workers,
             collate_fn=functools.partial(collate, separate_documents=self.hparams.separate_documents),
             generator=torch.Generator().manual_seed(self.hparams.seed), drop_last=drop_last,
             pin_memory=torch.cuda.is_available(),
@@ -273,11 +304,8 @@ class PretrainingDataModule(pl.LightningDataModule):
             self.position["batches"] += 1
         return batch
 
-    def state_dict(self) -> dict:
-        """The data position, saved in Lightning checkpoints: a resumed run continues the epoch where it stopped."""
-        return dict(self.position)
-
     def load_state_dict(self, state: dict) -> None:
+        """Checkpoints of earlier versions kept the data position here (now the training loader's state)."""
         if "epoch" in state:
             self.position = dict(state)
             self._resume_from = dict(state)

@@ -125,6 +125,15 @@ def train_tokenizer_on_files(
     return tokenizer, len(corpus)
 
 
+def size_note(tokenizer: Tokenizer, wanted: int) -> str:
+    """A word for the user when the trainer found fewer tokens than asked for (a small corpus); "" otherwise."""
+    got = tokenizer.get_vocab_size()
+    if got >= wanted:
+        return ""
+    return (f" (not the {wanted:,} asked for: the corpus yields no more; the model's vocab_size may stay larger, "
+            "its extra rows are never used)")
+
+
 def _non_empty(texts: Iterable[str]) -> Iterator[str]:
     count = 0
     for text in texts:

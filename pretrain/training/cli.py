@@ -3,7 +3,11 @@ project's run directory, checkpoints, resume checks and logging."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from pretrain.errors import UserError
@@ -23,16 +27,17 @@ def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
     per fit or resume). With run=False (argv without the subcommand) the recipe is only parsed and its classes built;
     with parse_only, the resolved config is returned before anything is built or read (files, checkpoints and run
     directories need not exist)."""
-    from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
+    from pytorch_lightning.callbacks import ProgressBar
     from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
     from pretrain.data.datamodule import PretrainingDataModule
     from pretrain.training.checkpoints import Checkpoints, SafeCheckpointIO
     from pretrain.training.module import PretrainingModule
+    from pretrain.training.progress import StepProgressBar
     from pretrain.training.resume import check_recipe, resolve, saved_recipe
     from pretrain.training.speed import Throughput
-    from pretrain.training.summary import RunSummary
+    from pretrain.training.summary import ModelOverview, RunSummary
 
     class SaveConfig(SaveConfigCallback):
         """Saves config.yaml beside the logs, and the same resolved recipe inside every checkpoint."""
@@ -91,8 +96,11 @@ def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
                                                                            for c in callbacks):
                 # The bar reads the losses back from the device when it refreshes: at the logging steps only
                 # (which read them anyway), not every step, so the host does not wait for the GPU each step.
-                callbacks.append(TQDMProgressBar(refresh_rate=trainer.get("log_every_n_steps") or 50))
+                callbacks.append(StepProgressBar(refresh_rate=trainer.get("log_every_n_steps") or 50))
                 kwargs["callbacks"] = callbacks
+            if trainer.get("enable_model_summary") is not False:  # one line instead of Lightning's table
+                kwargs["enable_model_summary"] = False
+                kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), ModelOverview()]
             # checkpoints are written by `checkpoint:` (Checkpoints) alone, through SafeCheckpointIO
             plugins = trainer.get("plugins") or []
             kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), SafeCheckpointIO()]
@@ -100,8 +108,29 @@ def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
             return super().instantiate_trainer(**kwargs)
 
     try:
-        return PretrainCLI(PretrainingModule, PretrainingDataModule, args=None if argv == sys.argv[1:] else argv,
-                           save_config_callback=SaveConfig, save_config_kwargs={"overwrite": False},
-                           seed_everything_default=0, run=run)
+        with quiet_lightning():
+            return PretrainCLI(PretrainingModule, PretrainingDataModule, args=None if argv == sys.argv[1:] else argv,
+                               save_config_callback=SaveConfig, save_config_kwargs={"overwrite": False},
+                               seed_everything_default=0, run=run)
     except _Parsed as parsed:
         return parsed.config
+
+
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Without Lightning's messages that are not the user's business: its advertisement for a cloud logger, the
+    LeafSpec deprecation Lightning itself triggers under newer torch, and the warning about args given besides
+    sys.argv (this CLI gives the command line itself)."""
+    tips = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    tips.addFilter(_not_a_tip)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+            warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter")
+            yield
+    finally:
+        tips.removeFilter(_not_a_tip)

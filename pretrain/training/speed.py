@@ -38,6 +38,7 @@ class Throughput(Callback):
         self._start: float | None = None
         self._tokens = self._steps = 0
         self._peak_seconds_per_token: float | None = None
+        self.last: dict[str, float] = {}  # the metrics of the last window (the progress bar shows tokens/s)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self._start is None:  # the window starts after the first step (warm-up, compilation)
@@ -55,6 +56,7 @@ class Throughput(Callback):
         metrics = {"train/tokens_per_sec": rate}
         if self._peak_seconds_per_token is not None:
             metrics["train/mfu"] = rate * self._peak_seconds_per_token / trainer.world_size
+        self.last = metrics
         for logger in trainer.loggers:  # straight to the loggers: a plain number, once per window
             logger.log_metrics(metrics, step=trainer.global_step - 1)
         self._start, self._tokens, self._steps = time.perf_counter(), 0, 0

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lightning_fabric.utilities.types import _Stateful
 
 from pretrain.data.cache import fingerprint
 from pretrain.data.corpus import load_corpus
@@ -352,8 +353,11 @@ def loader_batches(loader) -> list[list[list[int]]]:
     return [batch["input_ids"].tolist() for batch in loader]
 
 
-@pytest.mark.parametrize("streaming, workers", [(False, 0), (True, 0), (True, 2)])
-def test_a_resumed_loader_continues_the_epoch_where_it_stopped(streaming, workers, tmp_path, tokenizer_path):
+@pytest.mark.parametrize("streaming, workers, legacy", [(False, 0, False), (True, 0, False), (True, 2, False),
+                                                       (False, 0, True)])
+def test_a_resumed_loader_continues_the_epoch_where_it_stopped(streaming, workers, legacy, tmp_path, tokenizer_path):
+    """The training loader's state (Lightning's state_dict protocol: no "not resumable" warning) is the position;
+    loading it (or, from a checkpoint of an earlier version, the DataModule's) continues the epoch."""
     corpus = write_documents(tmp_path / "corpus.txt", [f"story {i}: " + "the cat sat on the mat. " * (i % 7 + 1)
                                                        for i in range(120)])
     straight = module(corpus, tokenizer_path, tmp_path, streaming=streaming, num_workers=workers)
@@ -364,8 +368,15 @@ def test_a_resumed_loader_continues_the_epoch_where_it_stopped(streaming, worker
     every = loader_batches(loader)
     resumed = module(corpus, tokenizer_path, tmp_path, streaming=streaming, num_workers=workers)
     resumed.setup()
-    resumed.load_state_dict({"epoch": 3, "batches": 5})  # what a checkpoint after 5 batches of epoch 3 holds
-    loader = resumed.train_dataloader()
+    position = {"epoch": 3, "batches": 5}  # what a checkpoint after 5 batches of epoch 3 holds
+    if legacy:
+        resumed.load_state_dict(position)
+        loader = resumed.train_dataloader()
+    else:
+        loader = resumed.train_dataloader()  # Lightning makes the loader, then loads the checkpoint's state into it
+        assert isinstance(loader, _Stateful) and loader.state_dict() == {"epoch": 0, "batches": 0}
+        loader.load_state_dict(position)
+        assert loader.state_dict() == position
     if not streaming:
         loader.sampler.set_epoch(3)
     assert len(every) > 8 and loader_batches(loader) == every[5:]

@@ -162,7 +162,10 @@ def test_compiled_training_matches_eager(recipe):
     (eager_losses, eager_state), (compiled_losses, compiled_state) = runs
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
     assert eager_state.keys() == compiled_state.keys()
-    assert all(torch.allclose(eager_state[k], compiled_state[k], atol=1e-5) for k in eager_state)
+    # Adam divides by the gradient's own scale: where a gradient is ~0, float rounding differences between the fused
+    # kernels become weight differences of ~1e-5 after 3 steps (seen: 1.05e-5); one step of lr 1e-3 in the wrong
+    # direction would be 100 times larger
+    assert all(torch.allclose(eager_state[k], compiled_state[k], atol=1e-4) for k in eager_state)
     assert eager_losses[-1] < eager_losses[0]  # the steps did train
     torch._dynamo.reset()
 

@@ -1,6 +1,7 @@
 """Exact resume: a run stopped and resumed with `--ckpt_path last` ends bitwise where an uninterrupted run ends."""
 
 import csv
+import warnings
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,12 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(recipe, stop, extra
     # batches, 2 steps per epoch: mid-epoch)
     fit(recipe, tmp_path / "straight", tmp_path, 8, *extra)
     fit(recipe, tmp_path / "resumed", tmp_path, stop, *extra)  # stops; its last.ckpt is written at the end
-    fit(recipe, tmp_path / "resumed", tmp_path, 8, "--ckpt_path", "last", *extra)
+    saved = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert set(saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]) == {"epoch", "batches"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(recipe, tmp_path / "resumed", tmp_path, 8, "--ckpt_path", "last", *extra)
+    assert not [w for w in caught if "not resumable" in str(w.message)]  # the loader is: Lightning knows it
 
     straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert straight.keys() == resumed.keys()
