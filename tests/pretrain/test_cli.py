@@ -2,6 +2,8 @@
 
 import csv
 import importlib
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 
 import pretrain
 from models import TransformerConfig
-from pretrain.cli import main
+from pretrain.cli import main, parser
 from pretrain.sample import BUNDLED_CORPUS
 from pretrain.training.checkpoints import Checkpoints
 from pretrain.training.cli import lightning_cli
@@ -189,6 +191,12 @@ def test_quickstart_recipe_learns_and_reports(tmp_path, capsys):
     assert code == 0
     summary = capsys.readouterr().out
     assert "trained 40 steps" in summary and "train loss" in summary and "clm_perplexity" in summary
+    assert re.search(r"model: [\d,]+ parameters .*MFLOP per training token at length 64", summary)
+    nexts = summary.split("next (FILE, GLUE_DIR: yours):\n")[1].splitlines()
+    checkpoint = str(tmp_path / "runs" / "checkpoints" / "last.ckpt")
+    assert len(nexts) == 6 and all(line.startswith("  pretrain ") and checkpoint in line for line in nexts[1:])
+    for line in nexts:  # each suggested command parses as written
+        parser().parse_args(shlex.split(line)[1:])
     losses = [float(row["train/loss"]) for row in csv.DictReader((tmp_path / "runs" / "logs" / "version_0" /
                                                                  "metrics.csv").open()) if row["train/loss"]]
     assert losses[-1] < losses[0] - 1.0  # from about ln(400) = 6.0
@@ -283,3 +291,25 @@ def test_training_logs_tokens_per_second(tmp_path):
     rows = list(csv.DictReader((tmp_path / "runs" / "logs" / "version_0" / "metrics.csv").open()))
     rates = [float(row["train/tokens_per_sec"]) for row in rows if row.get("train/tokens_per_sec")]
     assert len(rates) == 3 and all(rate > 0 for rate in rates)  # every 2 steps after the first
+
+
+def test_the_progress_bar_counts_the_runs_steps(tmp_path, capsys):
+    recipe = CONFIGS / "tiny" / "gpt2.yaml"
+    code = main(["fit", "-c", str(recipe), *overrides(tmp_path, recipe), "--trainer.max_steps", "6",
+                 "--trainer.log_every_n_steps", "2", "--trainer.val_check_interval", "6",
+                 "--trainer.limit_val_batches", "1", "--model.warmup_steps", "1"])
+    assert code == 0
+    captured = capsys.readouterr()
+    bar = (captured.out + captured.err).replace("\r", "\n")
+    assert re.search(r"step: 100%.*\| 6/6 \[", bar) and re.search(r"step: +33%.*\| 2/6 .*train/loss=", bar)
+    assert "Epoch" not in bar and "v_num" not in bar
+
+
+def test_help_shows_defaults_and_a_small_corpus_says_its_tokenizer_is_smaller(tmp_path):
+    assert "(default: 64)" in run_cli("generate", "--help").stdout
+    assert "(default: 0.5)" in run_cli("finetune", "--help").stdout
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("a few words only, a few words.\n")
+    process = run_cli("tokenizer", "train", "--corpus", str(corpus), "--kind", "wordpiece", "--vocab-size", "500",
+                      "--out", str(tmp_path / "tok"))
+    assert process.returncode == 0 and "(not the 500 asked for" in process.stdout
