@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--stride", type=int, default=None, help="tokens scored per window (default: window / 2)")
     plot = commands.add_parser("plot", help="draw a run's loss curves (one panel per objective) as a PNG")
     plot.add_argument("run_dir", type=Path, help="the run directory of pretrain fit (trainer.default_root_dir)")
-    plot.add_argument("-o", "--out", type=Path, default=Path("curves.png"), help="the PNG to write")
+    plot.add_argument("-o", "--out", type=Path, default=None, help="the PNG to write (default: RUN_DIR/curves.png)")
     tune = commands.add_parser("finetune", help="fine-tune a pretrained model on a GLUE task or your own data "
                                                  "(encoders on [CLS]; causal models as GPT-1)")
     tune.add_argument("--model", type=Path, required=True, help="a .ckpt, an exported or a Hugging Face directory")
@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "plot":
             from pretrain.training.plot import plot
 
-            print(f"wrote {args.out}: loss curves of {', '.join(plot(args.run_dir, args.out))}")
+            out = args.out or args.run_dir / "curves.png"  # beside the run, not wherever the command is typed
+            print(f"wrote {out}: loss curves of {', '.join(plot(args.run_dir, out))}")
         elif args.command == "export":
             from pretrain.downstream.export import export
 

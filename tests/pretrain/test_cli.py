@@ -269,7 +269,7 @@ def test_plot_draws_one_panel_per_objective(tmp_path):
         rows = ["epoch,step,train/loss,train/mlm_loss,train/nsp_loss,val/mlm_loss"]
         rows += [f"0,{s},{9 - s / 2},{8 - s / 2},0.7," for s in steps] + [f"0,{steps[-1]},,,,{7.5 - version}"]
         log.write_text("\n".join(rows) + "\n")
-    process = run_cli("plot", str(tmp_path), "-o", str(tmp_path / "curves.png"))
+    process = run_cli("plot", str(tmp_path))  # by default beside the run
     assert process.returncode == 0 and "loss curves of mlm, nsp" in process.stdout
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from pretrain.training.plot import read_metrics
