@@ -12,6 +12,7 @@ from typing import Any, Literal, get_args
 
 NormPosition = Literal["post", "pre"]
 PositionEmbedding = Literal["learned", "sinusoidal", "rotary"]
+PositionCombine = Literal["sum", "concat"]
 Activation = Literal["gelu", "gelu_tanh", "relu"]
 Sharing = Literal["none", "all", "attention", "ffn"]
 
@@ -27,6 +28,11 @@ class TransformerConfig:
     max_position_embeddings: int = 512
     type_vocab_size: int = 2  # segment (token type) embeddings; 0 means none (GPT-2)
     position_embedding: PositionEmbedding = "learned"  # learned (BERT/GPT), sinusoidal (Vaswani et al.), rotary
+    # sum (BERT, the Transformer): positions added to the token embeddings; concat: the token embedding gets
+    # E - position_size dimensions and the position embedding position_size, side by side (separate subspaces, at a
+    # cost in the token embedding's width)
+    position_combine: PositionCombine = "sum"
+    position_size: int | None = None  # concat only: the position embedding's width
     rotary_base: float = 10000.0  # theta of rotary embeddings; used only when position_embedding == "rotary"
     norm_position: NormPosition = "post"  # post-LN (BERT) or pre-LN (GPT-2); pre-LN adds a final LayerNorm
     causal: bool = False  # decoder (GPT) when True, bidirectional encoder otherwise
@@ -42,6 +48,7 @@ class TransformerConfig:
     def __post_init__(self) -> None:
         for name, choices in (
             ("position_embedding", PositionEmbedding),
+            ("position_combine", PositionCombine),
             ("norm_position", NormPosition),
             ("activation", Activation),
             ("sharing", Sharing),
@@ -67,8 +74,18 @@ class TransformerConfig:
             )
         if self.position_embedding == "rotary" and self.head_size % 2:
             raise ValueError(f"rotary positions need an even head size, got hidden_size / num_heads = {self.head_size}")
-        if self.position_embedding == "sinusoidal" and self.embedding_size % 2:
-            raise ValueError(f"sinusoidal positions need an even embedding_size, got {self.embedding_size}")
+        if self.position_combine == "concat":
+            if self.position_embedding == "rotary":
+                raise ValueError("position_combine='concat' needs learned or sinusoidal positions (rotary positions "
+                                 "act inside attention, not on the embeddings)")
+            if self.position_size is None or not 0 < self.position_size < self.embedding_size:
+                raise ValueError(f"position_combine='concat' needs position_size between 1 and embedding_size - 1 "
+                                 f"({self.embedding_size - 1}), got {self.position_size}")
+        elif self.position_size is not None:
+            raise ValueError(f"position_size={self.position_size} is for position_combine='concat'; leave it out "
+                             "with 'sum' (positions then have the embedding's width)")
+        if self.position_embedding == "sinusoidal" and self.position_width % 2:
+            raise ValueError(f"sinusoidal positions need an even width, got {self.position_width}")
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -85,6 +102,17 @@ class TransformerConfig:
     @property
     def head_size(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def position_width(self) -> int:
+        """The position embedding's width: position_size (concat) or the embedding size (sum)."""
+        return self.position_size if self.position_combine == "concat" else self.embedding_size
+
+    @property
+    def token_embedding_size(self) -> int:
+        """The token (and segment) embedding's width, which tied output layers project to: E, or E - position_size
+        with concat."""
+        return self.embedding_size - (self.position_size if self.position_combine == "concat" else 0)
 
     def layer_groups(self, shared: bool) -> list[int]:
         """For each of the `num_layers` positions, the index of the weights it runs (ALBERT's grouping)."""

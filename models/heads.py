@@ -63,12 +63,12 @@ class LMHead(Head):
         config, word_embeddings = backbone.config, backbone.embeddings.word
         if transform:
             self.transform = nn.Sequential(
-                nn.Linear(config.hidden_size, config.embedding_size),
+                nn.Linear(config.hidden_size, config.token_embedding_size),
                 activation_module(activation or config.activation),
-                nn.LayerNorm(config.embedding_size, config.layer_norm_eps),
+                nn.LayerNorm(config.token_embedding_size, config.layer_norm_eps),
             )
-        elif config.embedding_size != config.hidden_size:
-            self.transform = nn.Linear(config.hidden_size, config.embedding_size, bias=False)
+        elif config.token_embedding_size != config.hidden_size:
+            self.transform = nn.Linear(config.hidden_size, config.token_embedding_size, bias=False)
         else:
             self.transform = nn.Identity()
         self.weight = word_embeddings.weight  # tied: the same Parameter as the input embeddings

@@ -277,6 +277,9 @@ def hf_config_for(config: TransformerConfig, family: str) -> Any:
     """The Hugging Face config of `family` equivalent to `config`, or ValueError naming the field that has none."""
     import transformers
 
+    if config.position_combine != "sum":
+        raise ValueError(f"position_combine={config.position_combine!r} has no equivalent in Hugging Face {family} "
+                         "(needs 'sum')")
     for field, value in REQUIREMENTS[family].items():
         if getattr(config, field) != value:
             raise ValueError(

@@ -64,14 +64,15 @@ class Embeddings(nn.Module):
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
-        self.word = nn.Embedding(config.vocab_size, config.embedding_size)
+        self.word = nn.Embedding(config.vocab_size, config.token_embedding_size)
         if config.type_vocab_size > 0:
-            self.token_type = nn.Embedding(config.type_vocab_size, config.embedding_size)
+            self.token_type = nn.Embedding(config.type_vocab_size, config.token_embedding_size)
         if config.position_embedding == "learned":
-            self.position = nn.Embedding(config.max_position_embeddings, config.embedding_size)
+            self.position = nn.Embedding(config.max_position_embeddings, config.position_width)
         elif config.position_embedding == "sinusoidal":
-            table = sinusoidal_table(config.max_position_embeddings, config.embedding_size)
+            table = sinusoidal_table(config.max_position_embeddings, config.position_width)
             self.register_buffer("sinusoidal", table, persistent=False)
+        self.concat = config.position_combine == "concat"
         # Post-LN models (BERT) normalise the embeddings; pre-LN models (GPT-2) normalise inside each layer.
         self.norm = nn.LayerNorm(config.embedding_size, config.layer_norm_eps) \
             if config.norm_position == "post" else nn.Identity()
@@ -82,13 +83,16 @@ class Embeddings(nn.Module):
         self.position_embedding = config.position_embedding
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None, position_ids: Tensor) -> Tensor:
-        x = self.word(input_ids)  # (B, T, E)
+        x = self.word(input_ids)  # (B, T, E), or (B, T, E - P) with concat
         if self.type_vocab_size > 0:
             x = x + self.token_type(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
+        positions = None
         if self.position_embedding == "learned":
-            x = x + self.position(position_ids)
+            positions = self.position(position_ids)
         elif self.position_embedding == "sinusoidal":
-            x = x + self.sinusoidal[position_ids]
+            positions = self.sinusoidal[position_ids].to(x.dtype)
+        if positions is not None:  # (B, T, E) to add, or (B, T, P) to put beside the tokens' E - P
+            x = torch.cat([x, positions.expand(*x.shape[:2], -1)], dim=-1) if self.concat else x + positions
         return self.projection(self.dropout(self.norm(x)))  # (B, T, H)
 
 

@@ -45,8 +45,8 @@ class SpanBoundaryHead(Head):
         self.mlp = nn.Sequential(
             nn.Linear(3 * config.hidden_size, config.hidden_size), activation_module("gelu"),
             nn.LayerNorm(config.hidden_size, config.layer_norm_eps),
-            nn.Linear(config.hidden_size, config.embedding_size), activation_module("gelu"),
-            nn.LayerNorm(config.embedding_size, config.layer_norm_eps),
+            nn.Linear(config.hidden_size, config.token_embedding_size), activation_module("gelu"),
+            nn.LayerNorm(config.token_embedding_size, config.layer_norm_eps),
         )
         self.weight = backbone.embeddings.word.weight  # tied, as the MLM head's
         self.bias = nn.Parameter(self.weight.new_zeros(config.vocab_size))

@@ -25,7 +25,7 @@ def model_flops_per_token(module, seq_len: int) -> float:
     tables = sum(p.numel() for name, p in module.backbone.embeddings.named_parameters()
                  if name in ("word.weight", "position.weight", "token_type.weight"))
     share = sum(objective.output_layer_share() for objective in module.objectives)
-    matmul = parameters - tables + share * config.vocab_size * config.embedding_size
+    matmul = parameters - tables + share * config.vocab_size * config.token_embedding_size
     return 6 * matmul + 12 * config.num_layers * config.hidden_size * seq_len
 
 

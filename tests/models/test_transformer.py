@@ -350,3 +350,48 @@ def test_heads_are_rebuilt_from_their_spec_and_nothing_else_is_built():
                  {"class_path": "models.heads.Pooler"}):
         with pytest.raises(ValueError, match="not"):
             build_head(spec, backbone)
+
+
+@pytest.mark.parametrize("position_embedding", ["learned", "sinusoidal"])
+def test_concatenated_positions_sit_beside_the_tokens_and_both_halves_learn(position_embedding):
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=50, hidden_size=64, num_layers=2, num_heads=2, max_position_embeddings=32,
+                               position_embedding=position_embedding, position_combine="concat", position_size=16,
+                               norm_position="pre", dropout=0.0, attention_dropout=0.0)
+    model = Transformer(config)
+    embeddings = model.embeddings
+    assert embeddings.word.weight.shape == (50, 48) and config.token_embedding_size == 48
+    ids = torch.randint(0, 50, (2, 10))
+    positions = torch.arange(10).expand(2, 10)
+    out = embeddings(ids, None, positions)  # pre-LN, E == H: no norm, no projection: exactly the concatenation
+    table = embeddings.position.weight if position_embedding == "learned" else embeddings.sinusoidal
+    assert out.shape == (2, 10, 64)
+    assert torch.equal(out[..., :48], embeddings.token_type(torch.zeros_like(ids)) + embeddings.word(ids))
+    assert torch.equal(out[..., 48:], table[positions])
+    head = LMHead(model, transform=False, bias=False)
+    loss = head(model(ids)).logsumexp(-1).mean()
+    loss.backward()
+    assert embeddings.word.weight.grad.abs().sum() > 0
+    if position_embedding == "learned":
+        assert embeddings.position.weight.grad[:10].abs().sum() > 0 and embeddings.position.weight.grad[10:].eq(0).all()
+    # the positions reach the output: the same tokens in another order give other states
+    shuffled = model(ids.flip(1)).flip(1)
+    assert not torch.allclose(model(ids), shuffled, atol=1e-4)
+
+
+def test_concatenation_is_refused_where_it_cannot_apply():
+    with pytest.raises(ValueError, match="needs position_size between 1 and embedding_size - 1"):
+        TransformerConfig(position_combine="concat")
+    with pytest.raises(ValueError, match="learned or sinusoidal"):
+        TransformerConfig(position_combine="concat", position_size=64, position_embedding="rotary")
+    with pytest.raises(ValueError, match="position_size=64 is for position_combine='concat'"):
+        TransformerConfig(position_size=64)
+    with pytest.raises(ValueError, match="sinusoidal positions need an even width, got 63"):
+        TransformerConfig(position_combine="concat", position_size=63, position_embedding="sinusoidal")
+    from models import to_hf
+
+    config = TransformerConfig.preset("bert-tiny", position_combine="concat", position_size=16)
+    backbone = Transformer(config)
+    model = ModelWithHeads(backbone, {"mlm": LMHead(backbone)})
+    with pytest.raises(ValueError, match="position_combine='concat' has no equivalent in Hugging Face bert"):
+        to_hf(model)
