@@ -26,9 +26,11 @@ product in this process.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import transformers
@@ -248,7 +250,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: cpu 2, gpu 10)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile both sides (default: on for gpu, off for cpu)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the table's rows to this JSON file")
     args = parser.parse_args()
+    table: list[dict] = []
     device = torch.device("cuda" if args.mode == "gpu" else "cpu")
     compile = args.mode == "gpu" if args.compile is None else args.compile
     steps = args.steps or (20 if args.mode == "gpu" else 6)
@@ -285,7 +289,14 @@ def main() -> None:
             ratio = f"{results['ours'][2] / results['hf'][2]:>9.2f}x" if side == "ours" else ""
             print(f"{row.name:<14}{'ours' if side == 'ours' else 'hugging face':<14}{f'{batch_size} x {length}':>11}"
                   f"{flops / 1e9:>10.3f}{tokens:>11,.0f}{f'{memory:.2f}' if memory is not None else '-':>9}"
-                  f"{100 * mfu:>6.1f}%{ratio}")
+                  f"{100 * mfu:>6.1f}%{ratio}", flush=True)
+            table.append({"model": row.name, "side": side, "batch": batch_size, "seq_len": length,
+                          "gflop_per_token": flops / 1e9, "tokens_per_sec": tokens, "peak_gib": memory, "mfu": mfu,
+                          "ours_over_hf": results["ours"][2] / results["hf"][2]})
+        if args.json is not None:  # after each row: a run cut short keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"mode": args.mode, "peak": peak_text, "compile": compile,
+                                             "rows": table}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

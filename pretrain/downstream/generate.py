@@ -28,6 +28,10 @@ class LanguageModel:
     def new_cache(self) -> KVCache:
         return self.backbone.new_cache()
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
     def logits(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                cache: KVCache | None) -> Tensor:
         """Next-token logits at the last position. input_ids (B, T) -> (B, V)"""
@@ -104,11 +108,12 @@ def generate(model: LanguageModel, prompts: list[list[int]], strategy: Strategy 
         return [beam_search(model, prompt, options) for prompt in prompts]
     if strategy not in ("greedy", "sample"):
         raise ValueError(f"unknown strategy {strategy!r}; choose greedy, sample or beam")
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    input_ids, attention_mask = left_pad(prompts, pad_id)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None  # draws on the CPU: the same
+    # tokens for a seed on any device
+    input_ids, attention_mask = (t.to(model.device) for t in left_pad(prompts, pad_id))
     cache = model.new_cache() if options.use_cache else None
     new = input_ids  # what the next forward pass reads: everything without a cache, the last token with one
-    finished = torch.zeros(len(prompts), dtype=torch.bool)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
     outputs: list[list[int]] = [[] for _ in prompts]
     for _ in range(options.max_new_tokens):
         positions = positions_of(attention_mask)[:, -new.shape[1]:]
@@ -117,7 +122,7 @@ def generate(model: LanguageModel, prompts: list[list[int]], strategy: Strategy 
             token = logits.argmax(-1)
         else:
             probabilities = filter_logits(logits / options.temperature, options.top_k, options.top_p).softmax(-1)
-            token = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+            token = torch.multinomial(probabilities.cpu(), 1, generator=generator).squeeze(1).to(model.device)
         for row in (~finished).nonzero().flatten().tolist():
             outputs[row].append(int(token[row]))
         if options.eos_id is not None:
@@ -133,15 +138,16 @@ def generate(model: LanguageModel, prompts: list[list[int]], strategy: Strategy 
 def beam_search(model: LanguageModel, prompt: list[int], options: Settings) -> list[int]:
     """The hypothesis with the best score: sum of log-probabilities / (generated length ** length_penalty).
     With `early_stopping`, stop once `num_beams` hypotheses have ended with EOS."""
-    beams = options.num_beams
-    input_ids = torch.tensor([prompt])
+    beams, device = options.num_beams, model.device
+    input_ids = torch.tensor([prompt], device=device)
     cache = model.new_cache() if options.use_cache else None
-    scores = torch.zeros(1)  # (live beams,) summed log-probabilities
-    generated = torch.zeros(1, 0, dtype=torch.long)
+    scores = torch.zeros(1, device=device)  # (live beams,) summed log-probabilities
+    generated = torch.zeros(1, 0, dtype=torch.long, device=device)
     done: list[tuple[float, list[int]]] = []
     new = input_ids
     for _ in range(options.max_new_tokens):
-        attention_mask = torch.ones(len(scores), input_ids.shape[1] + generated.shape[1], dtype=torch.long)
+        attention_mask = torch.ones(len(scores), input_ids.shape[1] + generated.shape[1], dtype=torch.long,
+                                    device=device)
         positions = positions_of(attention_mask)[:, -new.shape[1]:]
         log_probs = model.logits(new, attention_mask, positions, cache).log_softmax(-1)  # (live, V)
         candidates = (scores[:, None] + log_probs).flatten()
@@ -161,9 +167,9 @@ def beam_search(model: LanguageModel, prompt: list[int], options: Settings) -> l
                 break
         if (options.early_stopping and len(done) >= beams) or not keep_rows:
             break
-        rows = torch.tensor(keep_rows)
-        generated = torch.cat([generated[rows], torch.tensor(keep_tokens)[:, None]], dim=1)
-        scores = torch.tensor(keep_scores)
+        rows = torch.tensor(keep_rows, device=device)
+        generated = torch.cat([generated[rows], torch.tensor(keep_tokens, device=device)[:, None]], dim=1)
+        scores = torch.tensor(keep_scores, device=device)
         if cache is not None:
             cache.reorder(rows)  # at the first step every row is 0: the prompt's cache is copied to each beam
             new = generated[:, -1:]
@@ -189,7 +195,7 @@ def perplexity(model: LanguageModel, tokens: list[int], window: int | None = Non
     stride = min(stride or max(1, window // 2), window - 1)
     if len(tokens) < 2:
         raise UserError("perplexity needs a text of at least two tokens")
-    ids = torch.tensor(tokens)
+    ids = torch.tensor(tokens, device=model.device)
     total, scored = 0.0, 1
     while scored < len(tokens):
         end = min(scored + stride, len(tokens))

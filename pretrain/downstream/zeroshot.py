@@ -101,7 +101,7 @@ def label_log_probs(model: LanguageModel, prompts: list[list[int]], labels: list
     """log P(label | prompt) for every prompt and label, summed over the label's tokens (or their mean, with
     `normalize`). One forward pass over the left-padded prompts fills a KV cache; the labels' tokens are then read
     for all prompts and labels at once from copies of that cache. -> (prompts, labels)"""
-    device = next(model.backbone.parameters()).device
+    device = model.device
     input_ids, attention_mask = (t.to(device) for t in left_pad(prompts, pad_id))
     cache = model.new_cache()
     first = model.logits(input_ids, attention_mask, positions_of(attention_mask), cache).log_softmax(-1)  # (B, V)
