@@ -108,6 +108,8 @@ class Bigram(LanguageModel):
     """A constructed model where greedy is suboptimal: after token 0, token 1 (p = 0.6) leads to a flat
     distribution over 10 tokens, token 2 (p = 0.4) to token 3 for certain. Greedy: 0.6 * 0.1; best: 0.4 * 1."""
 
+    device = torch.device("cpu")
+
     def __init__(self):
         table = torch.full((12, 12), 1e-9)
         table[0, 1], table[0, 2] = 0.6, 0.4
