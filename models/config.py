@@ -13,7 +13,9 @@ from typing import Any, Literal, get_args
 NormPosition = Literal["post", "pre"]
 PositionEmbedding = Literal["learned", "sinusoidal", "rotary"]
 PositionCombine = Literal["sum", "concat"]
-Activation = Literal["gelu", "gelu_tanh", "relu"]
+Activation = Literal["gelu", "gelu_tanh", "relu", "silu"]
+Norm = Literal["layernorm", "rmsnorm"]
+FeedForwardKind = Literal["mlp", "glu"]
 Sharing = Literal["none", "all", "attention", "ffn"]
 
 
@@ -36,7 +38,11 @@ class TransformerConfig:
     rotary_base: float = 10000.0  # theta of rotary embeddings; used only when position_embedding == "rotary"
     norm_position: NormPosition = "post"  # post-LN (BERT) or pre-LN (GPT-2); pre-LN adds a final LayerNorm
     causal: bool = False  # decoder (GPT) when True, bidirectional encoder otherwise
-    activation: Activation = "gelu"  # gelu (exact, BERT/ELECTRA), gelu_tanh (GPT-2/ALBERT's gelu_new), relu
+    activation: Activation = "gelu"  # gelu (exact, BERT/ELECTRA), gelu_tanh (GPT-2/ALBERT's gelu_new), relu, silu
+    ffn: FeedForwardKind = "mlp"  # mlp: down(act(up(x))); glu: down(act(gate(x)) * up(x)) (GeGLU, SwiGLU with silu)
+    norm: Norm = "layernorm"  # layernorm (BERT, GPT-2) or rmsnorm (Llama, T5: no centring, no bias); eps below
+    bias: bool = True  # biases in the linear layers and norms (Llama and ModernBERT have none)
+    num_kv_heads: int | None = None  # grouped-query attention (Llama 2/3): fewer key/value heads; None = num_heads
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1  # on embeddings and on each residual branch
     attention_dropout: float = 0.1  # on the attention probabilities
@@ -52,6 +58,8 @@ class TransformerConfig:
             ("norm_position", NormPosition),
             ("activation", Activation),
             ("sharing", Sharing),
+            ("ffn", FeedForwardKind),
+            ("norm", Norm),
         ):
             value = getattr(self, name)
             if value not in get_args(choices):
@@ -68,6 +76,10 @@ class TransformerConfig:
             raise ValueError(
                 f"type_vocab_size must be >= 0 (0 means no segment embeddings), got {self.type_vocab_size}"
             )
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"

@@ -39,8 +39,11 @@ IGNORED_SUFFIXES = (
     "predictions.decoder.weight", "predictions.decoder.bias", "generator_lm_head.weight", "lm_head.weight",
 )
 
-HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
-TO_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
+                  "silu": "silu"}
+TO_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
+# Fields of today's families that none of these four families has: their defaults are required.
+NEWER_FIELDS = dict(position_combine="sum", ffn="mlp", norm="layernorm", bias=True)
 
 # Config fields that must have these values for a family to hold the model (the rest map one to one).
 REQUIREMENTS: dict[str, dict[str, Any]] = {
@@ -277,9 +280,13 @@ def hf_config_for(config: TransformerConfig, family: str) -> Any:
     """The Hugging Face config of `family` equivalent to `config`, or ValueError naming the field that has none."""
     import transformers
 
-    if config.position_combine != "sum":
-        raise ValueError(f"position_combine={config.position_combine!r} has no equivalent in Hugging Face {family} "
-                         "(needs 'sum')")
+    for field, value in NEWER_FIELDS.items():
+        if getattr(config, field) != value:
+            raise ValueError(f"{field}={getattr(config, field)!r} has no equivalent in Hugging Face {family} "
+                             f"(needs {value!r})")
+    if config.num_kv_heads != config.num_heads:
+        raise ValueError(f"num_kv_heads={config.num_kv_heads} has no equivalent in Hugging Face {family} (needs "
+                         f"num_heads = {config.num_heads})")
     for field, value in REQUIREMENTS[family].items():
         if getattr(config, field) != value:
             raise ValueError(

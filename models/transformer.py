@@ -20,18 +20,24 @@ from models.config import TransformerConfig
 
 def activation_module(name: str) -> nn.Module:
     """The activation called `name` in `TransformerConfig.activation`."""
-    return {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}[name]
+    return {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU(), "silu": nn.SiLU()}[name]
+
+
+def norm_module(config: TransformerConfig, size: int) -> nn.Module:
+    """The configured norm over the last `size` features: LayerNorm (with a bias unless `bias` is off) or RMSNorm."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(size, eps=config.layer_norm_eps)
+    return nn.LayerNorm(size, config.layer_norm_eps, bias=config.bias)
 
 
 def init_weights(module: nn.Module, std: float) -> None:
-    """The families' initialisation: Linear and Embedding weights ~ N(0, std), biases 0, LayerNorm 1 and 0."""
+    """The families' initialisation: Linear and Embedding weights ~ N(0, std), biases 0, norms' scales 1."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=std)
-    if isinstance(module, nn.Linear) and module.bias is not None:
+    if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
         nn.init.zeros_(module.bias)
-    if isinstance(module, nn.LayerNorm):
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def sinusoidal_table(num_positions: int, size: int) -> Tensor:
@@ -74,10 +80,10 @@ class Embeddings(nn.Module):
             self.register_buffer("sinusoidal", table, persistent=False)
         self.concat = config.position_combine == "concat"
         # Post-LN models (BERT) normalise the embeddings; pre-LN models (GPT-2) normalise inside each layer.
-        self.norm = nn.LayerNorm(config.embedding_size, config.layer_norm_eps) \
+        self.norm = norm_module(config, config.embedding_size) \
             if config.norm_position == "post" else nn.Identity()
         self.dropout = nn.Dropout(config.dropout)
-        self.projection = nn.Linear(config.embedding_size, config.hidden_size) \
+        self.projection = nn.Linear(config.embedding_size, config.hidden_size, bias=config.bias) \
             if config.embedding_size != config.hidden_size else nn.Identity()
         self.type_vocab_size = config.type_vocab_size
         self.position_embedding = config.position_embedding
@@ -129,7 +135,7 @@ class Sublayer(nn.Module):
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
-        self.norm = nn.LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.norm = norm_module(config, config.hidden_size)
         self.dropout = nn.Dropout(config.dropout)
         self.pre_norm = config.norm_position == "pre"
 
@@ -140,19 +146,24 @@ class Sublayer(nn.Module):
 
 
 class Attention(Sublayer):
-    """Multi-head self-attention through `scaled_dot_product_attention` (scale 1/sqrt(D)), fused QKV projection."""
+    """Multi-head self-attention through `scaled_dot_product_attention` (scale 1/sqrt(D)), fused QKV projection;
+    with `num_kv_heads` < `num_heads`, grouped-query attention (each key/value head serves a group of query heads)."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__(config)
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.out = nn.Linear(config.hidden_size, config.hidden_size)
-        self.num_heads = config.num_heads
+        D = config.head_size
+        self.sizes = [config.num_heads * D, config.num_kv_heads * D, config.num_kv_heads * D]  # q, k, v
+        self.qkv = nn.Linear(config.hidden_size, sum(self.sizes), bias=config.bias)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
+        self.num_heads, self.num_kv_heads, self.head_size = config.num_heads, config.num_kv_heads, D
         self.attention_dropout = config.attention_dropout
 
     def branch(self, x: Tensor, mask: Tensor | None, is_causal: bool, rotary: tuple[Tensor, Tensor] | None,
                cache: KVCache | None = None, position: int = 0) -> Tensor:
         B, T, H = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, N, T, D)
+        q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_size).transpose(1, 2)  # (B, N, T, D)
+        k, v = (t.view(B, T, self.num_kv_heads, self.head_size).transpose(1, 2) for t in (k, v))  # (B, KV, T, D)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
@@ -160,20 +171,27 @@ class Attention(Sublayer):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.attention_dropout if self.training else 0.0,
+            enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (B, N, T, D)
         return self.out(y.transpose(1, 2).reshape(B, T, H))
 
 
 class FeedForward(Sublayer):
-    """Position-wise H -> intermediate -> H with the configured activation."""
+    """Position-wise H -> intermediate -> H: down(act(up(x))), or with `ffn="glu"` down(act(gate) * value), where
+    up(x) = [gate, value] (GeGLU with gelu, SwiGLU with silu)."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__(config)
-        self.up = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.glu = config.ffn == "glu"
+        widths = 2 * config.intermediate_size if self.glu else config.intermediate_size
+        self.up = nn.Linear(config.hidden_size, widths, bias=config.bias)
         self.activation = activation_module(config.activation)
-        self.down = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
 
     def branch(self, x: Tensor) -> Tensor:
+        if self.glu:
+            gate, value = self.up(x).chunk(2, dim=-1)
+            return self.down(self.activation(gate) * value)
         return self.down(self.activation(self.up(x)))
 
 
@@ -217,7 +235,7 @@ class Transformer(nn.Module):
         self.attention_layers = nn.ModuleList(Attention(config) for _ in range(max(attention_groups) + 1))
         self.ffn_layers = nn.ModuleList(FeedForward(config) for _ in range(max(ffn_groups) + 1))
         self.layer_order = list(zip(attention_groups, ffn_groups, strict=True))
-        self.final_norm = nn.LayerNorm(config.hidden_size, config.layer_norm_eps) \
+        self.final_norm = norm_module(config, config.hidden_size) \
             if config.norm_position == "pre" else nn.Identity()
         self.apply(partial(init_weights, std=config.initializer_range))
         if config.scaled_residual_init:  # GPT-2: keep the residual stream's variance independent of depth

@@ -30,7 +30,8 @@ def generator_config(config: TransformerConfig, size: float) -> TransformerConfi
     if hidden < 1 or hidden % heads:
         raise ValueError(f"generator_size={size} gives hidden size {hidden} and {heads} heads, which do not divide; "
                          "choose a size that keeps hidden_size * size divisible by num_heads * size")
-    return dataclasses.replace(config, hidden_size=hidden, num_heads=heads,
+    kv_heads = heads if config.num_kv_heads == config.num_heads else max(1, round(config.num_kv_heads * size))
+    return dataclasses.replace(config, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads,
                                intermediate_size=round(config.intermediate_size * size))
 
 

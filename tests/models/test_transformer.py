@@ -395,3 +395,70 @@ def test_concatenation_is_refused_where_it_cannot_apply():
     model = ModelWithHeads(backbone, {"mlm": LMHead(backbone)})
     with pytest.raises(ValueError, match="position_combine='concat' has no equivalent in Hugging Face bert"):
         to_hf(model)
+
+
+def small(**overrides) -> TransformerConfig:
+    return TransformerConfig(**{**dict(vocab_size=50, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96,
+                                       max_position_embeddings=32, norm_position="pre", dropout=0.0,
+                                       attention_dropout=0.0), **overrides})
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_query_attention_equals_full_attention_with_each_kv_head_repeated(causal):
+    """num_kv_heads=2 of 4: the same as a full multi-head model whose key and value heads are the grouped model's,
+    each repeated for the two query heads of its group; with num_kv_heads = num_heads it is plain attention."""
+    torch.manual_seed(0)
+    grouped = Transformer(small(num_kv_heads=2, causal=causal)).eval()
+    full = Transformer(small(causal=causal)).eval()
+    state = grouped.state_dict()
+    D, groups = 16, 2
+    for key in [k for k in state if k.endswith("qkv.weight") or k.endswith("qkv.bias")]:
+        q, k, v = state[key].split([64, 32, 32])
+        repeat = (lambda t: t.view(2, D, *t.shape[1:]).repeat_interleave(groups, 0).reshape(64, *t.shape[1:]))
+        state[key] = torch.cat([q, repeat(k), repeat(v)])
+    full.load_state_dict(state)
+    ids, mask = torch.randint(0, 50, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    torch.testing.assert_close(grouped(ids, attention_mask=mask), full(ids, attention_mask=mask), atol=1e-5, rtol=1e-5)
+    assert grouped.attention_layers[0].qkv.weight.shape == (128, 64)  # 4 query + 2 key + 2 value heads of 16
+    if causal:  # and through the KV cache, which keeps the 2 key/value heads only
+        cache = grouped.new_cache()
+        steps = torch.cat([grouped(ids[:, i:i + 1], cache=cache) for i in range(12)], dim=1)
+        torch.testing.assert_close(steps, grouped(ids), atol=1e-5, rtol=1e-5)
+        assert cache.slots[0][0].shape == (2, 2, 12, 16)
+    with pytest.raises(ValueError, match="num_kv_heads \\(3\\) must divide num_heads \\(4\\)"):
+        small(num_kv_heads=3)
+
+
+def test_rmsnorm_gated_ffn_and_no_biases_compute_their_formulas():
+    torch.manual_seed(0)
+    config = small(norm="rmsnorm", ffn="glu", activation="silu", bias=False)
+    model = Transformer(config)
+    assert not [name for name, _ in model.named_parameters() if name.endswith("bias")]
+    x = torch.randn(2, 5, 64)
+    norm = model.ffn_layers[0].norm
+    torch.testing.assert_close(norm(x), x * (x.pow(2).mean(-1, keepdim=True) + config.layer_norm_eps).rsqrt()
+                               * norm.weight)
+    ffn = model.ffn_layers[0]
+    gate, value = ffn.up.weight.split(96)
+    swiglu = (torch.nn.functional.silu(x @ gate.T) * (x @ value.T)) @ ffn.down.weight.T
+    torch.testing.assert_close(ffn.branch(x), swiglu)
+    assert ffn.up.weight.shape == (192, 64)
+    layernorm = Transformer(small(bias=False)).ffn_layers[0].norm
+    assert isinstance(layernorm, torch.nn.LayerNorm) and layernorm.bias is None
+
+
+@pytest.mark.parametrize("field, value", [("norm", "rmsnorm"), ("ffn", "glu"), ("bias", False), ("num_kv_heads", 2)])
+def test_todays_fields_train_and_are_refused_for_the_older_hugging_face_families(field, value):
+    from models import to_hf
+
+    torch.manual_seed(0)
+    config = small(**{field: value, "norm_position": "post"})
+    backbone = Transformer(config)
+    head = LMHead(backbone)
+    ids = torch.randint(0, 50, (2, 10))
+    loss = torch.nn.functional.cross_entropy(head(backbone(ids)).flatten(0, 1), ids.flatten())
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in backbone.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match=f"{field}={value!r} has no equivalent in Hugging Face bert"):
+        to_hf(ModelWithHeads(backbone, {"mlm": head}))
