@@ -43,6 +43,11 @@ class TransformerConfig:
     norm: Norm = "layernorm"  # layernorm (BERT, GPT-2) or rmsnorm (Llama, T5: no centring, no bias); eps below
     bias: bool = True  # biases in the linear layers and norms (Llama and ModernBERT have none)
     num_kv_heads: int | None = None  # grouped-query attention (Llama 2/3): fewer key/value heads; None = num_heads
+    # Local attention (ModernBERT: a 128-token window, every third layer global): a token sees the tokens within
+    # window // 2 on either side (causal: the window - 1 before it) in every layer except each
+    # global_attention_every-th (layers 0, k, 2k, ...). None: every layer global.
+    local_attention_window: int | None = None
+    global_attention_every: int = 1
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1  # on embeddings and on each residual branch
     attention_dropout: float = 0.1  # on the attention probabilities
@@ -80,6 +85,12 @@ class TransformerConfig:
             self.num_kv_heads = self.num_heads
         if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
+        if self.local_attention_window is not None and self.local_attention_window < 2:
+            raise ValueError(f"local_attention_window must be at least 2, got {self.local_attention_window}")
+        if self.global_attention_every < 1:
+            raise ValueError(f"global_attention_every must be at least 1, got {self.global_attention_every}")
+        if self.local_attention_window is None and self.global_attention_every != 1:
+            raise ValueError("global_attention_every needs a local_attention_window for the other layers")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
@@ -110,6 +121,10 @@ class TransformerConfig:
             raise ValueError(
                 f"num_layers ({self.num_layers}) must be divisible by num_shared_groups ({self.num_shared_groups})"
             )
+
+    def is_local(self, layer: int) -> bool:
+        """Whether the layer at depth `layer` attends within the local window."""
+        return self.local_attention_window is not None and layer % self.global_attention_every != 0
 
     @property
     def head_size(self) -> int:

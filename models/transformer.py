@@ -222,6 +222,22 @@ def attention_mask_for(
     return mask, False
 
 
+def local_mask(mask: Tensor | None, is_causal: bool, window: int, causal: bool, query_length: int, key_length: int,
+               device: torch.device) -> Tensor:
+    """The global layers' mask (`attention_mask_for`) narrowed to a window: query i (at absolute position
+    offset + i) keeps keys within window // 2 on either side, or, causal, the window - 1 before it and itself."""
+    offset = key_length - query_length
+    query = torch.arange(offset, key_length, device=device)[:, None]
+    key = torch.arange(key_length, device=device)[None, :]
+    distance = query - key  # (T_query, T_key)
+    band = (distance >= 0) & (distance < window) if causal else distance.abs() <= window // 2
+    if mask is None:
+        mask = torch.ones(query_length, key_length, dtype=torch.bool, device=device)
+        if is_causal:
+            mask = mask.tril(offset)
+    return mask & band
+
+
 class Transformer(nn.Module):
     """The backbone: `forward(input_ids, ...)` returns the last hidden states (B, T, H)."""
 
@@ -272,12 +288,17 @@ class Transformer(nn.Module):
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         mask, is_causal = attention_mask_for(attention_mask, document_ids, self.config.causal, T, past + T,
                                              input_ids.device)
+        local = None
+        if any(self.config.is_local(layer) for layer in range(len(self.layer_order))):
+            local = local_mask(mask, is_causal, self.config.local_attention_window, self.config.causal, T, past + T,
+                               input_ids.device)
         rotary = None
         if self.config.position_embedding == "rotary":
             rotary = rotary_angles(position_ids, self.config.head_size, self.config.rotary_base)
         x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
         for position, (attention_index, ffn_index) in enumerate(self.layer_order):
-            x = self.attention_layers[attention_index](x, mask=mask, is_causal=is_causal, rotary=rotary,
+            layer_mask, layer_causal = (local, False) if self.config.is_local(position) else (mask, is_causal)
+            x = self.attention_layers[attention_index](x, mask=layer_mask, is_causal=layer_causal, rotary=rotary,
                                                        cache=cache, position=position)
             x = self.ffn_layers[ffn_index](x)
         return self.final_norm(x)

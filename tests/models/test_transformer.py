@@ -462,3 +462,40 @@ def test_todays_fields_train_and_are_refused_for_the_older_hugging_face_families
     assert torch.isfinite(loss) and all(p.grad is not None for p in backbone.parameters() if p.requires_grad)
     with pytest.raises(ValueError, match=f"{field}={value!r} has no equivalent in Hugging Face bert"):
         to_hf(ModelWithHeads(backbone, {"mlm": head}))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_local_global_attention_equals_running_each_layer_with_its_dense_mask(causal):
+    """ModernBERT's schedule: global_attention_every=3 makes layers 0 and 3 global and 1, 2 local (a window of 4:
+    2 tokens on either side, or causal the 3 before); the model equals each layer run by hand with that mask."""
+    torch.manual_seed(0)
+    config = small(num_layers=4, local_attention_window=4, global_attention_every=3, causal=causal)
+    model = Transformer(config).eval()
+    ids, mask = torch.randint(0, 50, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    i, j = torch.arange(12)[:, None], torch.arange(12)[None, :]
+    allowed = mask.bool()[:, None, None, :] & ((j <= i) if causal else torch.ones(12, 12, dtype=torch.bool))
+    band = ((i - j >= 0) & (i - j < 4)) if causal else (i - j).abs() <= 2
+    x = model.embeddings(ids, None, torch.arange(12).expand(2, 12))
+    for layer in range(4):
+        dense = allowed & band if layer in (1, 2) else allowed
+        dense = dense | torch.eye(12, dtype=torch.bool)  # a padded query keeps itself (no NaN)
+        x = model.ffn_layers[layer](model.attention_layers[layer](x, mask=dense, is_causal=False, rotary=None))
+    torch.testing.assert_close(model(ids, attention_mask=mask), model.final_norm(x), atol=1e-5, rtol=1e-5)
+    # a window wider than the sequence is global attention
+    wide = Transformer(small(num_layers=4, local_attention_window=64, global_attention_every=3, causal=causal)).eval()
+    full = Transformer(small(num_layers=4, causal=causal)).eval()
+    full.load_state_dict(wide.state_dict())
+    torch.testing.assert_close(wide(ids, attention_mask=mask), full(ids, attention_mask=mask))
+    with pytest.raises(ValueError, match="global_attention_every needs a local_attention_window"):
+        small(global_attention_every=3)
+
+
+def test_local_attention_through_the_kv_cache_equals_a_full_forward():
+    torch.manual_seed(0)
+    model = Transformer(small(num_layers=3, local_attention_window=3, global_attention_every=2, causal=True)).eval()
+    ids = torch.randint(0, 50, (2, 10))
+    cache = model.new_cache()
+    steps = torch.cat([model(ids[:, :4], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(4, 10)],
+                      dim=1)
+    torch.testing.assert_close(steps, model(ids), atol=1e-5, rtol=1e-5)
