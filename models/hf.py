@@ -30,13 +30,20 @@ HF_CLASSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ElectraForMaskedLM": ("electra", ("mlm",)),
     "GPT2Model": ("gpt2", ()),
     "GPT2LMHeadModel": ("gpt2", ("clm",)),
+    "RobertaModel": ("roberta", ()),
+    "RobertaForMaskedLM": ("roberta", ("mlm",)),
 }
-PREFIX = {"bert": "bert", "albert": "albert", "electra": "electra", "gpt2": "transformer"}
+PREFIX = {"bert": "bert", "albert": "albert", "electra": "electra", "gpt2": "transformer", "roberta": "roberta"}
+# RoBERTa numbers positions from padding_idx + 1 (its pad id is 1): its position table's first two rows are never
+# used for real tokens, and our position 0 is its row 2.
+ROBERTA_PAD_ID = 1
+ROBERTA_OFFSET = ROBERTA_PAD_ID + 1
 
 # Hugging Face keys that hold no weights of their own: buffers, and output matrices tied to the input embeddings.
 IGNORED_SUFFIXES = (
     "embeddings.position_ids", "embeddings.token_type_ids", "attn.bias", "attn.masked_bias",
     "predictions.decoder.weight", "predictions.decoder.bias", "generator_lm_head.weight", "lm_head.weight",
+    "lm_head.decoder.weight", "lm_head.decoder.bias",
 )
 
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
@@ -49,6 +56,7 @@ NEWER_FIELDS = dict(position_combine="sum", ffn="mlp", norm="layernorm", bias=Tr
 REQUIREMENTS: dict[str, dict[str, Any]] = {
     "bert": dict(norm_position="post", position_embedding="learned", causal=False, sharing="none"),
     "electra": dict(norm_position="post", position_embedding="learned", causal=False, sharing="none"),
+    "roberta": dict(norm_position="post", position_embedding="learned", causal=False, sharing="none"),
     "albert": dict(norm_position="post", position_embedding="learned", causal=False),
     "gpt2": dict(norm_position="pre", position_embedding="learned", causal=True, sharing="none", type_vocab_size=0),
 }
@@ -83,7 +91,8 @@ def _backbone_entries(family: str, config: TransformerConfig) -> list[Entry]:
                         *_linear(f"ffn_layers.{i}.down", f"h.{i}.mlp.c_proj", "t")]
         return entries
     entries = [("embeddings.word.weight", ("embeddings.word_embeddings.weight",), "copy"),
-               ("embeddings.position.weight", ("embeddings.position_embeddings.weight",), "copy"),
+               ("embeddings.position.weight", ("embeddings.position_embeddings.weight",),
+                "offset" if family == "roberta" else "copy"),
                ("embeddings.token_type.weight", ("embeddings.token_type_embeddings.weight",), "copy"),
                *_linear("embeddings.norm", "embeddings.LayerNorm")]
     if family == "albert":
@@ -127,6 +136,8 @@ HEAD_ENTRIES: dict[tuple[str, str], list[Entry]] = {
                          *_linear("transform.2", "generator_predictions.LayerNorm"),
                          ("bias", ("generator_lm_head.bias",), "copy")],
     ("gpt2", "clm"): [],  # GPT-2's output layer is the (tied) input embedding matrix, nothing else
+    ("roberta", "mlm"): [*_linear("transform.0", "lm_head.dense"), *_linear("transform.2", "lm_head.layer_norm"),
+                         ("bias", ("lm_head.bias",), "copy")],
 }
 
 
@@ -167,13 +178,17 @@ def config_from_hf(hf_config: Any) -> tuple[str, TransformerConfig]:
     if family == "albert" and c.embedding_size == c.hidden_size:
         raise ValueError("ALBERT with embedding_size == hidden_size keeps a projection we do not have; "
                          "field embedding_size has no equivalent")
-    extra = {} if family == "bert" else dict(embedding_size=c.embedding_size)
+    if family == "roberta" and c.pad_token_id != ROBERTA_PAD_ID:
+        raise ValueError(f"RoBERTa with pad_token_id={c.pad_token_id} numbers its positions from another row; only "
+                         f"{ROBERTA_PAD_ID} (every published RoBERTa) has an equivalent here")
+    extra = {} if family in ("bert", "roberta") else dict(embedding_size=c.embedding_size)
+    extra["max_position_embeddings"] = c.max_position_embeddings - (ROBERTA_OFFSET if family == "roberta" else 0)
     if family == "albert":
         extra.update(sharing="all", num_shared_groups=c.num_hidden_groups)
     return family, TransformerConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
         num_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
-        max_position_embeddings=c.max_position_embeddings, type_vocab_size=c.type_vocab_size,
+        type_vocab_size=c.type_vocab_size,
         activation=_activation(c.hidden_act), layer_norm_eps=c.layer_norm_eps, dropout=c.hidden_dropout_prob,
         attention_dropout=c.attention_probs_dropout_prob, initializer_range=c.initializer_range, **extra,
     )
@@ -243,8 +258,8 @@ def to_hf(model: Transformer | ModelWithHeads, family: str | None = None) -> nn.
         raise ValueError(f"no Hugging Face {family} class has exactly the heads {list(heads)}")
     hf_config = hf_config_for(config, family)
     hf_class = getattr(transformers, class_name)
-    hf_model = hf_class(hf_config, add_pooling_layer=False) if class_name in ("BertModel", "AlbertModel") \
-        else hf_class(hf_config)
+    base_models = ("BertModel", "AlbertModel", "RobertaModel")  # without the pooler, which is a head here
+    hf_model = hf_class(hf_config, add_pooling_layer=False) if class_name in base_models else hf_class(hf_config)
     ours = model.state_dict()
     theirs: dict[str, Tensor] = {}
     for key, keys, how in _entries(family, config, heads):
@@ -318,6 +333,9 @@ def hf_config_for(config: TransformerConfig, family: str) -> Any:
     )
     if family == "bert":
         return transformers.BertConfig(**kwargs)
+    if family == "roberta":
+        kwargs["max_position_embeddings"] = config.max_position_embeddings + ROBERTA_OFFSET
+        return transformers.RobertaConfig(**kwargs, pad_token_id=ROBERTA_PAD_ID, bos_token_id=0, eos_token_id=2)
     if family == "electra":
         return transformers.ElectraConfig(embedding_size=config.embedding_size, **kwargs)
     groups = config.num_shared_groups if config.sharing == "all" else config.num_layers
@@ -341,12 +359,16 @@ def _entries(family: str, config: TransformerConfig, heads: tuple[str, ...]) -> 
 def _combine(tensors: list[Tensor], how: str) -> Tensor:
     if how == "cat":
         return torch.cat(tensors, dim=0)
+    if how == "offset":  # RoBERTa's position rows from padding_idx + 1 on
+        return tensors[0][ROBERTA_OFFSET:]
     return tensors[0].t() if how == "t" else tensors[0]
 
 
 def _split(tensor: Tensor, how: str, parts: int) -> list[Tensor]:
     if how == "cat":
         return [t.clone() for t in tensor.chunk(parts, dim=0)]
+    if how == "offset":  # the rows RoBERTa never uses for real tokens: zeros (its padding row is zeros too)
+        return [torch.cat([tensor.new_zeros(ROBERTA_OFFSET, tensor.shape[1]), tensor])]
     return [tensor.t().contiguous() if how == "t" else tensor.clone()]
 
 

@@ -24,6 +24,10 @@ def electra_config():
     return transformers.ElectraConfig(**SMALL, embedding_size=32)
 
 
+def roberta_config():  # positions numbered from pad_token_id + 1: its table has 2 more rows than positions used
+    return transformers.RobertaConfig(**dict(SMALL, max_position_embeddings=66), type_vocab_size=1, pad_token_id=1)
+
+
 def gpt2_config():
     return transformers.GPT2Config(vocab_size=99, n_embd=64, n_layer=2, n_head=4, n_positions=64)
 
@@ -33,6 +37,7 @@ CASES = {
     "AlbertModel": albert_config, "AlbertForPreTraining": albert_config,
     "ElectraModel": electra_config, "ElectraForPreTraining": electra_config, "ElectraForMaskedLM": electra_config,
     "GPT2Model": gpt2_config, "GPT2LMHeadModel": gpt2_config,
+    "RobertaModel": roberta_config, "RobertaForMaskedLM": roberta_config,
 }
 # Our head name -> the Hugging Face output that holds the same logits.
 HF_OUTPUT = {"mlm": ("prediction_logits", "logits"), "nsp": ("seq_relationship_logits",),
@@ -49,7 +54,9 @@ def make_hf(class_name: str):
     return model
 
 
-def batch(gpt2: bool):
+def batch(class_name: str):
+    """Three rows, two of them right-padded; segment ids where the family has two segments. RoBERTa's rows hold no
+    real token with its pad id (1), and its padding is that id: it numbers positions by counting the others."""
     input_ids = torch.randint(0, 99, (3, 12))
     attention_mask = torch.ones(3, 12, dtype=torch.long)
     attention_mask[1, 8:] = 0
@@ -57,7 +64,9 @@ def batch(gpt2: bool):
     token_type_ids = torch.zeros_like(input_ids)
     token_type_ids[:, 6:] = 1
     inputs = dict(attention_mask=attention_mask)
-    if not gpt2:
+    if class_name.startswith("Roberta"):
+        input_ids = input_ids.masked_fill(input_ids == 1, 5).masked_fill(attention_mask == 0, 1)
+    elif not class_name.startswith("GPT2"):
         inputs["token_type_ids"] = token_type_ids
     return input_ids, inputs
 
@@ -67,7 +76,7 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 
 
 def compare(ours_model, hf_model, class_name):
-    input_ids, inputs = batch(gpt2=class_name.startswith("GPT2"))
+    input_ids, inputs = batch(class_name)
     real = inputs["attention_mask"].bool()
     with torch.no_grad():
         theirs = hf_model(input_ids, **inputs, output_hidden_states=True)
@@ -91,7 +100,7 @@ def compare(ours_model, hf_model, class_name):
 def test_from_hf_matches_hugging_face(class_name):
     hf_model = make_hf(class_name)
     ours = from_hf(hf_model).eval()
-    expected_type = Transformer if class_name in ("BertModel", "AlbertModel", "ElectraModel", "GPT2Model") \
+    expected_type = Transformer if class_name.endswith("Model") and "LMHead" not in class_name \
         else ModelWithHeads
     assert isinstance(ours, expected_type)
     compare(ours, hf_model, class_name)
@@ -100,10 +109,10 @@ def test_from_hf_matches_hugging_face(class_name):
 @pytest.mark.parametrize("class_name", sorted(CASES))
 def test_to_hf_round_trip_matches_hugging_face(class_name):
     hf_model = make_hf(class_name)
-    back = to_hf(from_hf(hf_model).eval())
+    back = to_hf(from_hf(hf_model).eval(), family="roberta" if class_name.startswith("Roberta") else None)
     assert type(back).__name__ == class_name
     back.config._attn_implementation = "eager"
-    input_ids, inputs = batch(gpt2=class_name.startswith("GPT2"))
+    input_ids, inputs = batch(class_name)
     real = inputs["attention_mask"].bool()
     with torch.no_grad():
         a = hf_model(input_ids, **inputs, output_hidden_states=True)
@@ -111,7 +120,10 @@ def test_to_hf_round_trip_matches_hugging_face(class_name):
     assert relative_error(b.hidden_states[-1][real], a.hidden_states[-1][real]) < 1e-5
     for name in ("prediction_logits", "logits", "seq_relationship_logits", "sop_logits"):
         if getattr(a, name, None) is not None:
-            assert relative_error(getattr(b, name), getattr(a, name)) < 1e-5, name
+            ours, theirs = getattr(b, name), getattr(a, name)
+            if ours.shape[:2] == real.shape:  # token-level: the real tokens (RoBERTa's padding rows are not kept)
+                ours, theirs = ours[real], theirs[real]
+            assert relative_error(ours, theirs) < 1e-5, name
 
 
 def test_published_checkpoint_layout_loads():
@@ -164,3 +176,23 @@ def test_unsupported_class_is_named():
     model = transformers.BertForSequenceClassification(bert_config())
     with pytest.raises(ValueError, match="BertForSequenceClassification is not supported"):
         from_hf(model)
+
+
+def test_pretrain_load_reads_a_hugging_face_roberta_directory(tmp_path):
+    """A RobertaForMaskedLM directory (weights, config, a byte-level BPE tokenizer with RoBERTa's ids: <s> 0,
+    <pad> 1, </s> 2) loads with `pretrain.load`, and gives Hugging Face's logits on the tokenizer's own input."""
+    import pretrain
+    from pretrain.data.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer([f"the {w} sat on the mat." for w in ("cat", "dog", "fox")] * 30, "bpe", 128)
+    assert [tokenizer.token_to_id(t) for t in ("<s>", "<pad>", "</s>")] == [0, 1, 2]
+    sizes = dict(SMALL, vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=66)
+    config = transformers.RobertaConfig(**sizes, type_vocab_size=1, pad_token_id=1)
+    hf_model = transformers.RobertaForMaskedLM(config).eval()
+    hf_model.save_pretrained(tmp_path)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    loaded = pretrain.load(tmp_path)
+    ids = torch.tensor(loaded.tokenize(["the fox sat on the mat."]))
+    assert ids[0, 0] == 0 and ids[0, -1] == 2
+    with torch.no_grad():
+        assert relative_error(loaded.model(ids)["mlm"], hf_model(ids).logits) < 1e-5
