@@ -1,7 +1,8 @@
 """`TransformerConfig`: one typed, validated dataclass for every architecture variant.
 
 Each field's default means "off" or "BERT". Presets reproduce the published families
-(BERT, ALBERT, ELECTRA, GPT-2) so that their parameter counts match Hugging Face's models.
+(BERT, RoBERTa, ALBERT, ELECTRA, GPT-2, a Llama-style decoder) so that their parameter counts match Hugging Face's
+models.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class TransformerConfig:
     norm: Norm = "layernorm"  # layernorm (BERT, GPT-2) or rmsnorm (Llama, T5: no centring, no bias); eps below
     bias: bool = True  # biases in the linear layers and norms (Llama and ModernBERT have none)
     num_kv_heads: int | None = None  # grouped-query attention (Llama 2/3): fewer key/value heads; None = num_heads
+    tie_word_embeddings: bool = True  # the LM output layer is the token embedding matrix (False: its own, Llama)
     # Local attention (ModernBERT: a 128-token window, every third layer global): a token sees the tokens within
     # window // 2 on either side (causal: the window - 1 before it) in every layer except each
     # global_attention_every-th (layers 0, k, 2k, ...). None: every layer global.
@@ -173,6 +175,13 @@ _GPT2 = dict(
     vocab_size=50257, max_position_embeddings=1024, type_vocab_size=0, norm_position="pre", causal=True,
     activation="gelu_tanh", layer_norm_eps=1e-5, scaled_residual_init=True,
 )
+_ROBERTA = dict(vocab_size=50265, max_position_embeddings=512, type_vocab_size=1, layer_norm_eps=1e-5)
+# A Llama-family decoder at TinyLlama-1.1B's sizes: rotary positions, SwiGLU, RMSNorm, no biases, 4 key/value heads
+# for 32 query heads, untied output layer.
+_LLAMA = dict(vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4, intermediate_size=5632,
+              max_position_embeddings=2048, type_vocab_size=0, position_embedding="rotary", norm_position="pre",
+              causal=True, activation="silu", ffn="glu", norm="rmsnorm", bias=False, layer_norm_eps=1e-5,
+              dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False)
 _TINY = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_position_embeddings=128)
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -190,6 +199,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "electra-base-generator": dict(_BERT, embedding_size=768, hidden_size=256, num_layers=12, num_heads=4),
     "gpt2-small": dict(_GPT2, hidden_size=768, num_layers=12, num_heads=12),
     "gpt2-medium": dict(_GPT2, hidden_size=1024, num_layers=24, num_heads=16),
+    "roberta-base": dict(_ROBERTA, hidden_size=768, num_layers=12, num_heads=12),
+    "llama-style": _LLAMA,
     "bert-tiny": dict(_BERT, **_TINY, vocab_size=1000),
     "albert-tiny": dict(_ALBERT, **_TINY, vocab_size=1000, embedding_size=32),
     "electra-tiny": dict(_BERT, **_TINY, vocab_size=1000, embedding_size=32),

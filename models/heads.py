@@ -52,7 +52,8 @@ def build_head(spec: dict[str, Any], backbone: Transformer) -> Head:
 
 
 class LMHead(Head):
-    """Token logits tied to the input embeddings: H -> E transform, then E -> V with the (V, E) embedding matrix.
+    """Token logits: H -> E transform, then E -> V with the (V, E) token embedding matrix (tied), or with a matrix of
+    its own when the config unties them (`tie_word_embeddings=False`, Llama).
 
     `transform=True` is BERT's, ALBERT's and ELECTRA's head (dense H -> E, activation, LayerNorm); `transform=False`
     is GPT-2's (logits straight from the final hidden states; a plain H -> E projection only when E != H).
@@ -71,15 +72,27 @@ class LMHead(Head):
             self.transform = nn.Linear(config.hidden_size, config.token_embedding_size, bias=False)
         else:
             self.transform = nn.Identity()
-        self.weight = word_embeddings.weight  # tied: the same Parameter as the input embeddings
+        self.tied = config.tie_word_embeddings
+        if self.tied:
+            self.weight = word_embeddings.weight  # the same Parameter as the input embeddings
+        else:
+            self.weight = nn.Parameter(torch.empty_like(word_embeddings.weight))
+            nn.init.normal_(self.weight, std=config.initializer_range)
         self.bias = nn.Parameter(word_embeddings.weight.new_zeros(config.vocab_size)) if bias else None
         self.transform.apply(partial(init_weights, std=config.initializer_range))
 
     def retie(self, backbone: Transformer) -> None:
-        """Tie to the backbone's (grown) embedding matrix again; the bias gets zeros for the new tokens."""
-        self.weight = backbone.embeddings.word.weight
-        if self.bias is not None and len(self.bias) < len(self.weight):
-            grown = self.bias.new_zeros(len(self.weight))
+        """After the backbone's embeddings grew (tokens added): tie to them again, or grow an own matrix by as many
+        rows (drawn like the initial ones); the bias gets zeros for the new tokens."""
+        embeddings = backbone.embeddings.word.weight
+        if self.tied:
+            self.weight = embeddings
+        elif len(self.weight) < len(embeddings):
+            grown = torch.empty_like(embeddings).normal_(std=backbone.config.initializer_range)
+            grown[: len(self.weight)] = self.weight.detach()
+            self.weight = nn.Parameter(grown)
+        if self.bias is not None and len(self.bias) < len(embeddings):
+            grown = self.bias.new_zeros(len(embeddings))
             grown[: len(self.bias)] = self.bias.detach()
             self.bias = nn.Parameter(grown)
 

@@ -32,8 +32,11 @@ HF_CLASSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "GPT2LMHeadModel": ("gpt2", ("clm",)),
     "RobertaModel": ("roberta", ()),
     "RobertaForMaskedLM": ("roberta", ("mlm",)),
+    "LlamaModel": ("llama", ()),
+    "LlamaForCausalLM": ("llama", ("clm",)),
 }
-PREFIX = {"bert": "bert", "albert": "albert", "electra": "electra", "gpt2": "transformer", "roberta": "roberta"}
+PREFIX = {"bert": "bert", "albert": "albert", "electra": "electra", "gpt2": "transformer", "roberta": "roberta",
+          "llama": "model"}
 # RoBERTa numbers positions from padding_idx + 1 (its pad id is 1): its position table's first two rows are never
 # used for real tokens, and our position 0 is its row 2.
 ROBERTA_PAD_ID = 1
@@ -49,14 +52,17 @@ IGNORED_SUFFIXES = (
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
                   "silu": "silu"}
 TO_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
-# Fields of today's families that none of these four families has: their defaults are required.
-NEWER_FIELDS = dict(position_combine="sum", ffn="mlp", norm="layernorm", bias=True)
+# Fields of today's families that the older families lack: their defaults are required there.
+NEWER_FIELDS = dict(position_combine="sum", ffn="mlp", norm="layernorm", bias=True, tie_word_embeddings=True)
 
 # Config fields that must have these values for a family to hold the model (the rest map one to one).
 REQUIREMENTS: dict[str, dict[str, Any]] = {
     "bert": dict(norm_position="post", position_embedding="learned", causal=False, sharing="none"),
     "electra": dict(norm_position="post", position_embedding="learned", causal=False, sharing="none"),
     "roberta": dict(norm_position="post", position_embedding="learned", causal=False, sharing="none"),
+    "llama": dict(norm_position="pre", position_embedding="rotary", causal=True, sharing="none", type_vocab_size=0,
+                  position_combine="sum", ffn="glu", norm="rmsnorm", bias=False, activation="silu",
+                  local_attention_window=None),
     "albert": dict(norm_position="post", position_embedding="learned", causal=False),
     "gpt2": dict(norm_position="pre", position_embedding="learned", causal=True, sharing="none", type_vocab_size=0),
 }
@@ -77,8 +83,30 @@ def _qkv(ours: str, theirs: str) -> list[Entry]:
     ]
 
 
+def _weight(ours: str, theirs: str) -> list[Entry]:
+    return [(f"{ours}.weight", (f"{theirs}.weight",), "copy")]
+
+
+def _llama_entries(config: TransformerConfig) -> list[Entry]:
+    """Llama's backbone: RMSNorms and Linears without biases; q, k, v and the gate and up projections fused here."""
+    entries = [*_weight("embeddings.word", "embed_tokens"), *_weight("final_norm", "norm")]
+    for i in range(config.num_layers):
+        layer = f"layers.{i}"
+        entries += [*_weight(f"attention_layers.{i}.norm", f"{layer}.input_layernorm"),
+                    (f"attention_layers.{i}.qkv.weight",
+                     tuple(f"{layer}.self_attn.{n}_proj.weight" for n in "qkv"), "cat"),
+                    *_weight(f"attention_layers.{i}.out", f"{layer}.self_attn.o_proj"),
+                    *_weight(f"ffn_layers.{i}.norm", f"{layer}.post_attention_layernorm"),
+                    (f"ffn_layers.{i}.up.weight", (f"{layer}.mlp.gate_proj.weight", f"{layer}.mlp.up_proj.weight"),
+                     "cat"),
+                    *_weight(f"ffn_layers.{i}.down", f"{layer}.mlp.down_proj")]
+    return entries
+
+
 def _backbone_entries(family: str, config: TransformerConfig) -> list[Entry]:
     """Entries for the backbone, with Hugging Face keys relative to the base model."""
+    if family == "llama":
+        return _llama_entries(config)
     if family == "gpt2":
         entries = [("embeddings.word.weight", ("wte.weight",), "copy"),
                    ("embeddings.position.weight", ("wpe.weight",), "copy"), *_linear("final_norm", "ln_f")]
@@ -136,6 +164,7 @@ HEAD_ENTRIES: dict[tuple[str, str], list[Entry]] = {
                          *_linear("transform.2", "generator_predictions.LayerNorm"),
                          ("bias", ("generator_lm_head.bias",), "copy")],
     ("gpt2", "clm"): [],  # GPT-2's output layer is the (tied) input embedding matrix, nothing else
+    ("llama", "clm"): [],  # tied; an untied output matrix is added in `_entries`
     ("roberta", "mlm"): [*_linear("transform.0", "lm_head.dense"), *_linear("transform.2", "lm_head.layer_norm"),
                          ("bias", ("lm_head.bias",), "copy")],
 }
@@ -152,11 +181,33 @@ def _make_head(family: str, name: str, backbone: Transformer) -> nn.Module:
     return ClassificationHead(backbone, num_labels=2)  # nsp, sop
 
 
+def _llama_config(c: Any) -> TransformerConfig:
+    rope = getattr(c, "rope_parameters", None) or {"rope_theta": getattr(c, "rope_theta", 10000.0)}
+    for field, value in (("attention_bias", False), ("mlp_bias", False)):
+        if getattr(c, field, value) != value:
+            raise ValueError(f"Llama config field {field}={getattr(c, field)} has no equivalent here")
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"Llama rope_type={rope['rope_type']!r} has no equivalent here (only 'default')")
+    if getattr(c, "head_dim", None) not in (None, c.hidden_size // c.num_attention_heads):
+        raise ValueError(f"Llama head_dim={c.head_dim} has no equivalent here (hidden_size / num_attention_heads)")
+    return TransformerConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads, intermediate_size=c.intermediate_size,
+        max_position_embeddings=c.max_position_embeddings, type_vocab_size=0, position_embedding="rotary",
+        rotary_base=rope["rope_theta"], norm_position="pre", causal=True, activation=_activation(c.hidden_act),
+        ffn="glu", norm="rmsnorm", bias=False, layer_norm_eps=c.rms_norm_eps, dropout=0.0,
+        attention_dropout=c.attention_dropout, initializer_range=c.initializer_range,
+        tie_word_embeddings=c.tie_word_embeddings,
+    )
+
+
 def config_from_hf(hf_config: Any) -> tuple[str, TransformerConfig]:
     """The family and our `TransformerConfig` for a Hugging Face config of one of the four families."""
     family = hf_config.model_type
     if family not in PREFIX:
         raise ValueError(f"model_type {family!r} is not supported; supported: {sorted(PREFIX)}")
+    if family == "llama":
+        return family, _llama_config(hf_config)
     if family == "gpt2":
         c = hf_config
         for field, value in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
@@ -263,7 +314,9 @@ def to_hf(model: Transformer | ModelWithHeads, family: str | None = None) -> nn.
     ours = model.state_dict()
     theirs: dict[str, Tensor] = {}
     for key, keys, how in _entries(family, config, heads):
-        for hf_key, tensor in zip(keys, _split(ours[key], how, len(keys)), strict=True):
+        sizes = [config.num_heads * config.head_size] + [config.num_kv_heads * config.head_size] * 2 \
+            if ".qkv." in key else None  # query, key and value rows (fewer key/value heads with GQA)
+        for hf_key, tensor in zip(keys, _split(ours[key], how, len(keys), sizes), strict=True):
             theirs[hf_key] = tensor
     prefix = PREFIX[family] if heads else ""
     hf_keys = set(hf_model.state_dict())
@@ -281,11 +334,12 @@ def to_hf(model: Transformer | ModelWithHeads, family: str | None = None) -> nn.
 
 def infer_family(config: TransformerConfig, heads: tuple[str, ...] = ()) -> str:
     """The Hugging Face family a model belongs to, from its heads first, then its config."""
-    for head, family in (("rtd", "electra"), ("sop", "albert"), ("nsp", "bert"), ("clm", "gpt2")):
+    causal = "llama" if config.position_embedding == "rotary" else "gpt2"
+    for head, family in (("rtd", "electra"), ("sop", "albert"), ("nsp", "bert"), ("clm", causal)):
         if head in heads:
             return family
     if config.causal:
-        return "gpt2"
+        return causal
     if config.sharing != "none":
         return "albert"
     return "electra" if config.embedding_size != config.hidden_size else "bert"
@@ -295,11 +349,11 @@ def hf_config_for(config: TransformerConfig, family: str) -> Any:
     """The Hugging Face config of `family` equivalent to `config`, or ValueError naming the field that has none."""
     import transformers
 
-    for field, value in NEWER_FIELDS.items():
+    for field, value in ({} if family == "llama" else NEWER_FIELDS).items():
         if getattr(config, field) != value:
             raise ValueError(f"{field}={getattr(config, field)!r} has no equivalent in Hugging Face {family} "
                              f"(needs {value!r})")
-    if config.num_kv_heads != config.num_heads:
+    if config.num_kv_heads != config.num_heads and family != "llama":
         raise ValueError(f"num_kv_heads={config.num_kv_heads} has no equivalent in Hugging Face {family} (needs "
                          f"num_heads = {config.num_heads})")
     for field, value in REQUIREMENTS[family].items():
@@ -307,9 +361,18 @@ def hf_config_for(config: TransformerConfig, family: str) -> Any:
             raise ValueError(
                 f"{field}={getattr(config, field)!r} has no equivalent in Hugging Face {family} (needs {value!r})"
             )
-    if family in ("bert", "gpt2") and config.embedding_size != config.hidden_size:
+    if family in ("bert", "gpt2", "roberta", "llama") and config.embedding_size != config.hidden_size:
         raise ValueError(f"embedding_size={config.embedding_size} has no equivalent in Hugging Face {family} "
                          f"(needs embedding_size == hidden_size = {config.hidden_size})")
+    if family == "llama":
+        return transformers.LlamaConfig(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_kv_heads, max_position_embeddings=config.max_position_embeddings,
+            rms_norm_eps=config.layer_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": config.rotary_base},
+            hidden_act=TO_HF_ACTIVATION[config.activation], attention_dropout=config.attention_dropout,
+            initializer_range=config.initializer_range, tie_word_embeddings=config.tie_word_embeddings)
     if family == "albert" and (config.embedding_size == config.hidden_size or config.sharing not in ("all", "none")):
         field = "sharing" if config.sharing not in ("all", "none") else "embedding_size"
         raise ValueError(f"{field}={getattr(config, field)!r} has no equivalent in Hugging Face albert "
@@ -353,6 +416,8 @@ def _entries(family: str, config: TransformerConfig, heads: tuple[str, ...]) -> 
         if (family, head) not in HEAD_ENTRIES:
             raise ValueError(f"head {head!r} has no equivalent in Hugging Face {family}")
         entries += [(f"heads.{head}.{ours}", keys, how) for ours, keys, how in HEAD_ENTRIES[(family, head)]]
+        if head == "clm" and not config.tie_word_embeddings:
+            entries.append((f"heads.{head}.weight", ("lm_head.weight",), "copy"))
     return entries
 
 
@@ -364,9 +429,9 @@ def _combine(tensors: list[Tensor], how: str) -> Tensor:
     return tensors[0].t() if how == "t" else tensors[0]
 
 
-def _split(tensor: Tensor, how: str, parts: int) -> list[Tensor]:
+def _split(tensor: Tensor, how: str, parts: int, sizes: list[int] | None = None) -> list[Tensor]:
     if how == "cat":
-        return [t.clone() for t in tensor.chunk(parts, dim=0)]
+        return [t.clone() for t in (tensor.split(sizes) if sizes else tensor.chunk(parts, dim=0))]
     if how == "offset":  # the rows RoBERTa never uses for real tokens: zeros (its padding row is zeros too)
         return [torch.cat([tensor.new_zeros(ROBERTA_OFFSET, tensor.shape[1]), tensor])]
     return [tensor.t().contiguous() if how == "t" else tensor.clone()]

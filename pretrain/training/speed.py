@@ -7,6 +7,8 @@ import time
 import torch
 from pytorch_lightning.callbacks import Callback
 
+from models import LMHead
+
 # dense bf16 / fp16 peak FLOP/s per GPU (the H200 is missing from Lightning's table; same compute as the H100 SXM)
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
@@ -25,7 +27,8 @@ def model_flops_per_token(module, seq_len: int) -> float:
     tables = sum(p.numel() for name, p in module.backbone.embeddings.named_parameters()
                  if name in ("word.weight", "position.weight", "token_type.weight"))
     share = sum(objective.output_layer_share() for objective in module.objectives)
-    matmul = parameters - tables + share * config.vocab_size * config.token_embedding_size
+    untied = sum(m.weight.numel() for m in module.modules() if isinstance(m, LMHead) and not m.tied)  # counted below
+    matmul = parameters - tables - untied + share * config.vocab_size * config.token_embedding_size
     return 6 * matmul + 12 * config.num_layers * config.hidden_size * seq_len
 
 

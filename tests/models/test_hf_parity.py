@@ -28,6 +28,13 @@ def roberta_config():  # positions numbered from pad_token_id + 1: its table has
     return transformers.RobertaConfig(**dict(SMALL, max_position_embeddings=66), type_vocab_size=1, pad_token_id=1)
 
 
+def llama_config(tied: bool = False):  # grouped-query attention: 2 key/value heads for 4 query heads
+    return transformers.LlamaConfig(vocab_size=99, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+                                    tie_word_embeddings=tied)
+
+
 def gpt2_config():
     return transformers.GPT2Config(vocab_size=99, n_embd=64, n_layer=2, n_head=4, n_positions=64)
 
@@ -38,6 +45,7 @@ CASES = {
     "ElectraModel": electra_config, "ElectraForPreTraining": electra_config, "ElectraForMaskedLM": electra_config,
     "GPT2Model": gpt2_config, "GPT2LMHeadModel": gpt2_config,
     "RobertaModel": roberta_config, "RobertaForMaskedLM": roberta_config,
+    "LlamaModel": llama_config, "LlamaForCausalLM": llama_config,
 }
 # Our head name -> the Hugging Face output that holds the same logits.
 HF_OUTPUT = {"mlm": ("prediction_logits", "logits"), "nsp": ("seq_relationship_logits",),
@@ -66,7 +74,7 @@ def batch(class_name: str):
     inputs = dict(attention_mask=attention_mask)
     if class_name.startswith("Roberta"):
         input_ids = input_ids.masked_fill(input_ids == 1, 5).masked_fill(attention_mask == 0, 1)
-    elif not class_name.startswith("GPT2"):
+    elif not class_name.startswith(("GPT2", "Llama")):
         inputs["token_type_ids"] = token_type_ids
     return input_ids, inputs
 
@@ -196,3 +204,15 @@ def test_pretrain_load_reads_a_hugging_face_roberta_directory(tmp_path):
     assert ids[0, 0] == 0 and ids[0, -1] == 2
     with torch.no_grad():
         assert relative_error(loaded.model(ids)["mlm"], hf_model(ids).logits) < 1e-5
+
+
+def test_a_llama_with_tied_embeddings_round_trips():
+    hf_model = transformers.LlamaForCausalLM(llama_config(tied=True)).eval()
+    ours = from_hf(hf_model).eval()
+    assert ours.heads["clm"].weight is ours.backbone.embeddings.word.weight
+    compare(ours, hf_model, "LlamaForCausalLM")
+    back = to_hf(ours)
+    assert back.config.tie_word_embeddings and back.lm_head.weight is back.model.embed_tokens.weight
+    input_ids, inputs = batch("LlamaForCausalLM")
+    with torch.no_grad():
+        assert relative_error(back(input_ids, **inputs).logits, hf_model(input_ids, **inputs).logits) < 1e-5

@@ -37,14 +37,26 @@ def test_preset_counts_equal_hugging_face_models_built_from_same_configs():
     from models.hf import hf_config_for
 
     classes = {"bert": transformers.BertModel, "albert": transformers.AlbertModel,
-               "electra": transformers.ElectraModel, "gpt2": transformers.GPT2Model}
-    for name in ("bert-large", "electra-base", "electra-base-generator", "electra-small-generator", "gpt2-medium"):
+               "electra": transformers.ElectraModel, "gpt2": transformers.GPT2Model,
+               "roberta": transformers.RobertaModel, "llama": transformers.LlamaForCausalLM}
+    for name in ("bert-large", "electra-base", "electra-base-generator", "electra-small-generator", "gpt2-medium",
+                 "roberta-base", "llama-style"):
         family = name.split("-")[0]
         config = TransformerConfig.preset(name)
         with torch.device("meta"):
             ours = Transformer(config).num_parameters() + (count(Pooler(config)) if family == "bert" else 0)
-            theirs = classes[family](hf_config_for(config, family)).num_parameters()
+            if family == "llama":  # with its own (untied) output layer
+                ours += count(LMHead(Transformer(config), transform=False, bias=False))
+            if family == "roberta":  # its 2 position rows before padding_idx + 1, never used for real tokens
+                ours += 2 * config.hidden_size
+            hf_config = hf_config_for(config, family)
+            theirs = classes[family](hf_config).num_parameters() if family != "roberta" else \
+                classes[family](hf_config, add_pooling_layer=False).num_parameters()
         assert ours == theirs, name
+    assert TransformerConfig.preset("llama-style").num_kv_heads == 4  # TinyLlama-1.1B's sizes: 1,100,048,384
+    with torch.device("meta"):
+        llama = TransformerConfig.preset("llama-style")
+        assert Transformer(llama).num_parameters() + 32000 * 2048 == 1_100_048_384
 
 
 def sizes(config: TransformerConfig) -> dict[str, int]:
