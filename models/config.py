@@ -44,6 +44,9 @@ class TransformerConfig:
     norm: Norm = "layernorm"  # layernorm (BERT, GPT-2) or rmsnorm (Llama, T5: no centring, no bias); eps below
     bias: bool = True  # biases in the linear layers and norms (Llama and ModernBERT have none)
     num_kv_heads: int | None = None  # grouped-query attention (Llama 2/3): fewer key/value heads; None = num_heads
+    # a norm on the embeddings: None = as the norm position implies (post-LN: yes, BERT; pre-LN: no, GPT-2); True with
+    # pre-LN is ModernBERT's
+    embedding_norm: bool | None = None
     tie_word_embeddings: bool = True  # the LM output layer is the token embedding matrix (False: its own, Llama)
     # Local attention (ModernBERT: a 128-token window, every third layer global): a token sees the tokens within
     # window // 2 on either side (causal: the window - 1 before it) in every layer except each
@@ -71,6 +74,8 @@ class TransformerConfig:
             value = getattr(self, name)
             if value not in get_args(choices):
                 raise ValueError(f"{name}={value!r} is not one of {list(get_args(choices))}")
+        if self.embedding_norm is None:
+            self.embedding_norm = self.norm_position == "post"
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
         if self.embedding_size is None:

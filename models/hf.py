@@ -349,6 +349,10 @@ def hf_config_for(config: TransformerConfig, family: str) -> Any:
     """The Hugging Face config of `family` equivalent to `config`, or ValueError naming the field that has none."""
     import transformers
 
+    if config.embedding_norm != (config.norm_position == "post"):
+        implied = config.norm_position == "post"
+        raise ValueError(f"embedding_norm={config.embedding_norm} has no equivalent in Hugging Face {family} (needs "
+                         f"{implied} with {config.norm_position}-LN)")
     for field, value in ({} if family == "llama" else NEWER_FIELDS).items():
         if getattr(config, field) != value:
             raise ValueError(f"{field}={getattr(config, field)!r} has no equivalent in Hugging Face {family} "

@@ -79,9 +79,8 @@ class Embeddings(nn.Module):
             table = sinusoidal_table(config.max_position_embeddings, config.position_width)
             self.register_buffer("sinusoidal", table, persistent=False)
         self.concat = config.position_combine == "concat"
-        # Post-LN models (BERT) normalise the embeddings; pre-LN models (GPT-2) normalise inside each layer.
-        self.norm = norm_module(config, config.embedding_size) \
-            if config.norm_position == "post" else nn.Identity()
+        # Post-LN models (BERT) normalise the embeddings; pre-LN ones (GPT-2) inside each layer, ModernBERT both.
+        self.norm = norm_module(config, config.embedding_size) if config.embedding_norm else nn.Identity()
         self.dropout = nn.Dropout(config.dropout)
         self.projection = nn.Linear(config.embedding_size, config.hidden_size, bias=config.bias) \
             if config.embedding_size != config.hidden_size else nn.Identity()

@@ -460,7 +460,8 @@ def test_rmsnorm_gated_ffn_and_no_biases_compute_their_formulas():
     assert isinstance(layernorm, torch.nn.LayerNorm) and layernorm.bias is None
 
 
-@pytest.mark.parametrize("field, value", [("norm", "rmsnorm"), ("ffn", "glu"), ("bias", False), ("num_kv_heads", 2)])
+@pytest.mark.parametrize("field, value", [("norm", "rmsnorm"), ("ffn", "glu"), ("bias", False), ("num_kv_heads", 2),
+                                          ("embedding_norm", False), ("tie_word_embeddings", False)])
 def test_todays_fields_train_and_are_refused_for_the_older_hugging_face_families(field, value):
     from models import to_hf
 
@@ -511,3 +512,11 @@ def test_local_attention_through_the_kv_cache_equals_a_full_forward():
     steps = torch.cat([model(ids[:, :4], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(4, 10)],
                       dim=1)
     torch.testing.assert_close(steps, model(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_the_embedding_norm_follows_the_norm_position_unless_set():
+    assert isinstance(Transformer(small(norm_position="post")).embeddings.norm, torch.nn.LayerNorm)
+    assert isinstance(Transformer(small()).embeddings.norm, torch.nn.Identity)  # pre-LN: none (GPT-2)
+    modern = Transformer(small(embedding_norm=True))
+    assert isinstance(modern.embeddings.norm, torch.nn.LayerNorm)  # pre-LN with one (ModernBERT)
+    assert isinstance(modern.final_norm, torch.nn.LayerNorm)
