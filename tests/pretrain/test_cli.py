@@ -83,10 +83,14 @@ def check_exports(checkpoint: Path, tmp_path: Path) -> None:
     """export -> pretrain.load gives identical outputs; --format hf -> transformers gives the same (fp32, 1e-5)."""
     import transformers
 
-    from models.hf import HF_CLASSES
+    from models.hf import HF_CLASSES, hf_config_for, infer_family
 
     ours = pretrain.load(checkpoint)
     has_hf_class = any(set(heads) == set(ours.model.heads) for _, heads in HF_CLASSES.values())
+    try:  # a variant without a Hugging Face equivalent (e.g. today's ModernBERT-style fields) is refused
+        hf_config_for(ours.config, infer_family(ours.config, tuple(ours.model.heads)))
+    except ValueError:
+        has_hf_class = False
     assert main(["export", str(checkpoint), str(tmp_path / "native")]) == 0
     code = main(["export", str(checkpoint), str(tmp_path / "hf"), "--format", "hf"])
     assert code == (0 if has_hf_class else 2) and (tmp_path / "hf").exists() == has_hf_class
