@@ -1,8 +1,7 @@
 """`TransformerConfig`: one typed, validated dataclass for every architecture variant.
 
-Each field's default means "off" or "BERT". Presets reproduce the published families
-(BERT, RoBERTa, ALBERT, ELECTRA, GPT-2, a Llama-style decoder) so that their parameter counts match Hugging Face's
-models.
+Each field's default means "off" or "BERT". Presets reproduce the published families (BERT, RoBERTa, ModernBERT,
+ALBERT, ELECTRA, GPT-2, a Llama-style decoder) so that their parameter counts match Hugging Face's models.
 """
 
 from __future__ import annotations
@@ -53,6 +52,7 @@ class TransformerConfig:
     # global_attention_every-th (layers 0, k, 2k, ...). None: every layer global.
     local_attention_window: int | None = None
     global_attention_every: int = 1
+    local_rotary_base: float | None = None  # rotary theta of the local layers (ModernBERT: 10,000); None: rotary_base
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1  # on embeddings and on each residual branch
     attention_dropout: float = 0.1  # on the attention probabilities
@@ -187,6 +187,13 @@ _LLAMA = dict(vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32, n
               max_position_embeddings=2048, type_vocab_size=0, position_embedding="rotary", norm_position="pre",
               causal=True, activation="silu", ffn="glu", norm="rmsnorm", bias=False, layer_norm_eps=1e-5,
               dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False)
+# ModernBERT-base (Warner et al. 2024): pre-LN with an embedding norm, rotary (160,000 global, 10,000 local), GeGLU,
+# no biases, a 128-token window with every third layer global, context 8192.
+_MODERNBERT = dict(vocab_size=50368, hidden_size=768, num_layers=22, num_heads=12, intermediate_size=1152,
+                   max_position_embeddings=8192, type_vocab_size=0, position_embedding="rotary", rotary_base=160000.0,
+                   local_rotary_base=10000.0, norm_position="pre", embedding_norm=True, activation="gelu", ffn="glu",
+                   bias=False, layer_norm_eps=1e-5, dropout=0.0, attention_dropout=0.0, local_attention_window=128,
+                   global_attention_every=3)
 _TINY = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_position_embeddings=128)
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -206,6 +213,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-medium": dict(_GPT2, hidden_size=1024, num_layers=24, num_heads=16),
     "roberta-base": dict(_ROBERTA, hidden_size=768, num_layers=12, num_heads=12),
     "llama-style": _LLAMA,
+    "modernbert-base": _MODERNBERT,
     "bert-tiny": dict(_BERT, **_TINY, vocab_size=1000),
     "albert-tiny": dict(_ALBERT, **_TINY, vocab_size=1000, embedding_size=32),
     "electra-tiny": dict(_BERT, **_TINY, vocab_size=1000, embedding_size=32),

@@ -64,9 +64,9 @@ class LMHead(Head):
         config, word_embeddings = backbone.config, backbone.embeddings.word
         if transform:
             self.transform = nn.Sequential(
-                nn.Linear(config.hidden_size, config.token_embedding_size),
+                nn.Linear(config.hidden_size, config.token_embedding_size, bias=config.bias),
                 activation_module(activation or config.activation),
-                nn.LayerNorm(config.token_embedding_size, config.layer_norm_eps),
+                nn.LayerNorm(config.token_embedding_size, config.layer_norm_eps, bias=config.bias),
             )
         elif config.token_embedding_size != config.hidden_size:
             self.transform = nn.Linear(config.hidden_size, config.token_embedding_size, bias=False)

@@ -34,9 +34,11 @@ HF_CLASSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "RobertaForMaskedLM": ("roberta", ("mlm",)),
     "LlamaModel": ("llama", ()),
     "LlamaForCausalLM": ("llama", ("clm",)),
+    "ModernBertModel": ("modernbert", ()),
+    "ModernBertForMaskedLM": ("modernbert", ("mlm",)),
 }
 PREFIX = {"bert": "bert", "albert": "albert", "electra": "electra", "gpt2": "transformer", "roberta": "roberta",
-          "llama": "model"}
+          "llama": "model", "modernbert": "model"}
 # RoBERTa numbers positions from padding_idx + 1 (its pad id is 1): its position table's first two rows are never
 # used for real tokens, and our position 0 is its row 2.
 ROBERTA_PAD_ID = 1
@@ -46,7 +48,7 @@ ROBERTA_OFFSET = ROBERTA_PAD_ID + 1
 IGNORED_SUFFIXES = (
     "embeddings.position_ids", "embeddings.token_type_ids", "attn.bias", "attn.masked_bias",
     "predictions.decoder.weight", "predictions.decoder.bias", "generator_lm_head.weight", "lm_head.weight",
-    "lm_head.decoder.weight", "lm_head.decoder.bias",
+    "lm_head.decoder.weight", "lm_head.decoder.bias", "decoder.weight",
 )
 
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
@@ -63,6 +65,9 @@ REQUIREMENTS: dict[str, dict[str, Any]] = {
     "llama": dict(norm_position="pre", position_embedding="rotary", causal=True, sharing="none", type_vocab_size=0,
                   position_combine="sum", ffn="glu", norm="rmsnorm", bias=False, activation="silu",
                   local_attention_window=None),
+    "modernbert": dict(norm_position="pre", embedding_norm=True, position_embedding="rotary", causal=False,
+                       sharing="none", type_vocab_size=0, position_combine="sum", ffn="glu", norm="layernorm",
+                       tie_word_embeddings=True),
     "albert": dict(norm_position="post", position_embedding="learned", causal=False),
     "gpt2": dict(norm_position="pre", position_embedding="learned", causal=True, sharing="none", type_vocab_size=0),
 }
@@ -103,10 +108,30 @@ def _llama_entries(config: TransformerConfig) -> list[Entry]:
     return entries
 
 
+def _modernbert_entries(config: TransformerConfig) -> list[Entry]:
+    """ModernBERT's backbone: LayerNorms (biases only with `bias`), a fused Wqkv like ours, GeGLU's Wi = [act input,
+    gate]; its first layer has no attention norm (the embedding norm precedes it)."""
+    linear = _linear if config.bias else _weight
+    entries = [*_weight("embeddings.word", "embeddings.tok_embeddings"), *linear("embeddings.norm", "embeddings.norm"),
+               *linear("final_norm", "final_norm")]
+    for i in range(config.num_layers):
+        layer = f"layers.{i}"
+        entries += [*linear(f"attention_layers.{i}.qkv", f"{layer}.attn.Wqkv"),
+                    *linear(f"attention_layers.{i}.out", f"{layer}.attn.Wo"),
+                    *linear(f"ffn_layers.{i}.norm", f"{layer}.mlp_norm"),
+                    *linear(f"ffn_layers.{i}.up", f"{layer}.mlp.Wi"),
+                    *linear(f"ffn_layers.{i}.down", f"{layer}.mlp.Wo")]
+        if i > 0:
+            entries += linear(f"attention_layers.{i}.norm", f"{layer}.attn_norm")
+    return entries
+
+
 def _backbone_entries(family: str, config: TransformerConfig) -> list[Entry]:
     """Entries for the backbone, with Hugging Face keys relative to the base model."""
     if family == "llama":
         return _llama_entries(config)
+    if family == "modernbert":
+        return _modernbert_entries(config)
     if family == "gpt2":
         entries = [("embeddings.word.weight", ("wte.weight",), "copy"),
                    ("embeddings.position.weight", ("wpe.weight",), "copy"), *_linear("final_norm", "ln_f")]
@@ -165,6 +190,8 @@ HEAD_ENTRIES: dict[tuple[str, str], list[Entry]] = {
                          ("bias", ("generator_lm_head.bias",), "copy")],
     ("gpt2", "clm"): [],  # GPT-2's output layer is the (tied) input embedding matrix, nothing else
     ("llama", "clm"): [],  # tied; an untied output matrix is added in `_entries`
+    ("modernbert", "mlm"): [*_weight("transform.0", "head.dense"), *_weight("transform.2", "head.norm"),
+                            ("bias", ("decoder.bias",), "copy")],  # head biases only with `bias`: see _entries
     ("roberta", "mlm"): [*_linear("transform.0", "lm_head.dense"), *_linear("transform.2", "lm_head.layer_norm"),
                          ("bias", ("lm_head.bias",), "copy")],
 }
@@ -201,6 +228,26 @@ def _llama_config(c: Any) -> TransformerConfig:
     )
 
 
+def _modernbert_config(c: Any) -> TransformerConfig:
+    if c.attention_bias != c.mlp_bias or c.mlp_bias != c.norm_bias or c.classifier_bias != c.norm_bias:
+        raise ValueError("ModernBERT with attention_bias, mlp_bias, norm_bias and classifier_bias not all equal has "
+                         "no equivalent here (one field: bias)")
+    if not c.decoder_bias or c.classifier_activation != c.hidden_activation:
+        raise ValueError("ModernBERT without decoder_bias, or with classifier_activation != hidden_activation, has "
+                         "no equivalent here")
+    rope = c.rope_parameters
+    return TransformerConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
+        max_position_embeddings=c.max_position_embeddings, type_vocab_size=0, position_embedding="rotary",
+        rotary_base=rope["full_attention"]["rope_theta"], local_rotary_base=rope["sliding_attention"]["rope_theta"],
+        norm_position="pre", embedding_norm=True, activation=_activation(c.hidden_activation), ffn="glu",
+        bias=c.mlp_bias, layer_norm_eps=c.norm_eps, dropout=c.mlp_dropout, attention_dropout=c.attention_dropout,
+        initializer_range=c.initializer_range, local_attention_window=c.local_attention,
+        global_attention_every=c.global_attn_every_n_layers,
+    )
+
+
 def config_from_hf(hf_config: Any) -> tuple[str, TransformerConfig]:
     """The family and our `TransformerConfig` for a Hugging Face config of one of the four families."""
     family = hf_config.model_type
@@ -208,6 +255,8 @@ def config_from_hf(hf_config: Any) -> tuple[str, TransformerConfig]:
         raise ValueError(f"model_type {family!r} is not supported; supported: {sorted(PREFIX)}")
     if family == "llama":
         return family, _llama_config(hf_config)
+    if family == "modernbert":
+        return family, _modernbert_config(hf_config)
     if family == "gpt2":
         c = hf_config
         for field, value in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
@@ -342,6 +391,8 @@ def infer_family(config: TransformerConfig, heads: tuple[str, ...] = ()) -> str:
         return causal
     if config.sharing != "none":
         return "albert"
+    if config.position_embedding == "rotary":
+        return "modernbert"
     return "electra" if config.embedding_size != config.hidden_size else "bert"
 
 
@@ -349,14 +400,18 @@ def hf_config_for(config: TransformerConfig, family: str) -> Any:
     """The Hugging Face config of `family` equivalent to `config`, or ValueError naming the field that has none."""
     import transformers
 
-    if config.embedding_norm != (config.norm_position == "post"):
+    if config.embedding_norm != (config.norm_position == "post") and family != "modernbert":
         implied = config.norm_position == "post"
         raise ValueError(f"embedding_norm={config.embedding_norm} has no equivalent in Hugging Face {family} (needs "
                          f"{implied} with {config.norm_position}-LN)")
-    for field, value in ({} if family == "llama" else NEWER_FIELDS).items():
+    for field, value in ({} if family in ("llama", "modernbert") else NEWER_FIELDS).items():
         if getattr(config, field) != value:
             raise ValueError(f"{field}={getattr(config, field)!r} has no equivalent in Hugging Face {family} "
                              f"(needs {value!r})")
+    if family == "modernbert" and (config.local_attention_window is None or config.local_rotary_base is None):
+        field = "local_attention_window" if config.local_attention_window is None else "local_rotary_base"
+        raise ValueError(f"{field}=None has no equivalent in Hugging Face modernbert (its layers are local or global, "
+                         "each kind with its own rotary base)")
     if config.num_kv_heads != config.num_heads and family != "llama":
         raise ValueError(f"num_kv_heads={config.num_kv_heads} has no equivalent in Hugging Face {family} (needs "
                          f"num_heads = {config.num_heads})")
@@ -368,6 +423,20 @@ def hf_config_for(config: TransformerConfig, family: str) -> Any:
     if family in ("bert", "gpt2", "roberta", "llama") and config.embedding_size != config.hidden_size:
         raise ValueError(f"embedding_size={config.embedding_size} has no equivalent in Hugging Face {family} "
                          f"(needs embedding_size == hidden_size = {config.hidden_size})")
+    if family == "modernbert":
+        activation = TO_HF_ACTIVATION[config.activation]
+        return transformers.ModernBertConfig(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+            max_position_embeddings=config.max_position_embeddings, norm_eps=config.layer_norm_eps,
+            local_attention=config.local_attention_window, global_attn_every_n_layers=config.global_attention_every,
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": config.rotary_base},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": config.local_rotary_base}},
+            hidden_activation=activation, classifier_activation=activation, attention_bias=config.bias,
+            mlp_bias=config.bias, norm_bias=config.bias, classifier_bias=config.bias, decoder_bias=True,
+            attention_dropout=config.attention_dropout, mlp_dropout=config.dropout, embedding_dropout=config.dropout,
+            initializer_range=config.initializer_range, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+            cls_token_id=None, sep_token_id=None)
     if family == "llama":
         return transformers.LlamaConfig(
             vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
@@ -420,6 +489,9 @@ def _entries(family: str, config: TransformerConfig, heads: tuple[str, ...]) -> 
         if (family, head) not in HEAD_ENTRIES:
             raise ValueError(f"head {head!r} has no equivalent in Hugging Face {family}")
         entries += [(f"heads.{head}.{ours}", keys, how) for ours, keys, how in HEAD_ENTRIES[(family, head)]]
+        if family == "modernbert" and head == "mlm" and config.bias:  # classifier_bias and norm_bias
+            entries += [(f"heads.{head}.transform.{i}.bias", (f"head.{name}.bias",), "copy")
+                        for i, name in ((0, "dense"), (2, "norm"))]
         if head == "clm" and not config.tie_word_embeddings:
             entries.append((f"heads.{head}.weight", ("lm_head.weight",), "copy"))
     return entries

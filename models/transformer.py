@@ -248,6 +248,9 @@ class Transformer(nn.Module):
         ffn_groups = config.layer_groups(shared=config.sharing in ("all", "ffn"))
         # Sharing = fewer layers, run in a longer order: position i runs attention_layers[attention_groups[i]].
         self.attention_layers = nn.ModuleList(Attention(config) for _ in range(max(attention_groups) + 1))
+        if config.norm_position == "pre" and config.embedding_norm and max(attention_groups) > 0:
+            # ModernBERT: the embeddings were just normalised; the first layer's attention does not do it again
+            self.attention_layers[0].norm = nn.Identity()
         self.ffn_layers = nn.ModuleList(FeedForward(config) for _ in range(max(ffn_groups) + 1))
         self.layer_order = list(zip(attention_groups, ffn_groups, strict=True))
         self.final_norm = norm_module(config, config.hidden_size) \
@@ -291,13 +294,16 @@ class Transformer(nn.Module):
         if any(self.config.is_local(layer) for layer in range(len(self.layer_order))):
             local = local_mask(mask, is_causal, self.config.local_attention_window, self.config.causal, T, past + T,
                                input_ids.device)
-        rotary = None
+        rotary = local_rotary = None
         if self.config.position_embedding == "rotary":
-            rotary = rotary_angles(position_ids, self.config.head_size, self.config.rotary_base)
+            rotary = local_rotary = rotary_angles(position_ids, self.config.head_size, self.config.rotary_base)
+            if local is not None and self.config.local_rotary_base not in (None, self.config.rotary_base):
+                local_rotary = rotary_angles(position_ids, self.config.head_size, self.config.local_rotary_base)
         x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
         for position, (attention_index, ffn_index) in enumerate(self.layer_order):
-            layer_mask, layer_causal = (local, False) if self.config.is_local(position) else (mask, is_causal)
-            x = self.attention_layers[attention_index](x, mask=layer_mask, is_causal=layer_causal, rotary=rotary,
+            layer_mask, layer_causal, layer_rotary = (local, False, local_rotary) if self.config.is_local(position) \
+                else (mask, is_causal, rotary)
+            x = self.attention_layers[attention_index](x, mask=layer_mask, is_causal=layer_causal, rotary=layer_rotary,
                                                        cache=cache, position=position)
             x = self.ffn_layers[ffn_index](x)
         return self.final_norm(x)

@@ -35,6 +35,15 @@ def llama_config(tied: bool = False):  # grouped-query attention: 2 key/value he
                                     tie_word_embeddings=tied)
 
 
+def modernbert_config():  # 2 local layers (a window of 8 tokens) between global ones, rotary bases 10,000 and 500
+    rope = {"full_attention": {"rope_type": "default", "rope_theta": 500.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    no_ids = dict.fromkeys(("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id"))
+    return transformers.ModernBertConfig(vocab_size=99, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                         num_attention_heads=4, max_position_embeddings=64, local_attention=8,
+                                         global_attn_every_n_layers=3, rope_parameters=rope, **no_ids)
+
+
 def gpt2_config():
     return transformers.GPT2Config(vocab_size=99, n_embd=64, n_layer=2, n_head=4, n_positions=64)
 
@@ -46,6 +55,7 @@ CASES = {
     "GPT2Model": gpt2_config, "GPT2LMHeadModel": gpt2_config,
     "RobertaModel": roberta_config, "RobertaForMaskedLM": roberta_config,
     "LlamaModel": llama_config, "LlamaForCausalLM": llama_config,
+    "ModernBertModel": modernbert_config, "ModernBertForMaskedLM": modernbert_config,
 }
 # Our head name -> the Hugging Face output that holds the same logits.
 HF_OUTPUT = {"mlm": ("prediction_logits", "logits"), "nsp": ("seq_relationship_logits",),
@@ -74,7 +84,7 @@ def batch(class_name: str):
     inputs = dict(attention_mask=attention_mask)
     if class_name.startswith("Roberta"):
         input_ids = input_ids.masked_fill(input_ids == 1, 5).masked_fill(attention_mask == 0, 1)
-    elif not class_name.startswith(("GPT2", "Llama")):
+    elif not class_name.startswith(("GPT2", "Llama", "ModernBert")):
         inputs["token_type_ids"] = token_type_ids
     return input_ids, inputs
 

@@ -38,9 +38,10 @@ def test_preset_counts_equal_hugging_face_models_built_from_same_configs():
 
     classes = {"bert": transformers.BertModel, "albert": transformers.AlbertModel,
                "electra": transformers.ElectraModel, "gpt2": transformers.GPT2Model,
-               "roberta": transformers.RobertaModel, "llama": transformers.LlamaForCausalLM}
+               "roberta": transformers.RobertaModel, "llama": transformers.LlamaForCausalLM,
+               "modernbert": transformers.ModernBertModel}
     for name in ("bert-large", "electra-base", "electra-base-generator", "electra-small-generator", "gpt2-medium",
-                 "roberta-base", "llama-style"):
+                 "roberta-base", "llama-style", "modernbert-base"):
         family = name.split("-")[0]
         config = TransformerConfig.preset(name)
         with torch.device("meta"):
