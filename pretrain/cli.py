@@ -45,7 +45,11 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("out", type=Path, help="a new directory")
     export.add_argument("--format", choices=["native", "hf"], default="native",
                         help="native: model.safetensors + config.json + tokenizer.json, read by pretrain.load; "
-                             "hf: a Hugging Face transformers directory (BERT, ALBERT, ELECTRA or GPT-2)")
+                             "hf: a Hugging Face transformers directory (BERT, RoBERTa, ALBERT, ELECTRA, GPT-2, "
+                             "ModernBERT or Llama, by the model)")
+    export.add_argument("--hf-family", choices=["bert", "roberta"], default=None,
+                        help="hf: write an encoder as this family (default: as its config and heads imply; RoBERTa "
+                             "needs the tokenizer's pad id to be 1)")
     gen = commands.add_parser("generate", help="continue prompts with a causal model (greedy, sampling or beam)")
     gen.add_argument("model", type=Path, help="a .ckpt, an exported directory or a Hugging Face GPT-2 directory")
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
@@ -329,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             from pretrain.downstream.export import export
 
-            print(f"exported {args.checkpoint} to {export(args.checkpoint, args.out, args.format)} ({args.format})")
+            written = export(args.checkpoint, args.out, args.format, args.hf_family)
+            print(f"exported {args.checkpoint} to {written} ({args.format})")
     except (UserError, OSError) as error:  # bad input, or the machine refused; anything else is a bug: traceback
         if args.debug:
             raise

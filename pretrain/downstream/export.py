@@ -17,7 +17,7 @@ def check_new_directory(out: Path) -> None:
         raise UserError(f"{out} already exists and is not empty: choose a new directory")
 
 
-def export(checkpoint: str | Path, out: str | Path, format: str = "native") -> Path:
+def export(checkpoint: str | Path, out: str | Path, format: str = "native", family: str | None = None) -> Path:
     """Write `checkpoint`'s model and tokenizer to the new directory `out` ("native" for `pretrain.load`, "hf" for
     transformers). Written to a temporary directory first: `out` appears complete or not at all."""
     out = Path(out)
@@ -28,7 +28,7 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "native") -> P
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        pretrained.save(staging) if format == "native" else pretrained.save_hf(staging)
+        pretrained.save(staging) if format == "native" else pretrained.save_hf(staging, family)
         mask = os.umask(0)
         os.umask(mask)
         staging.chmod(0o777 & ~mask)  # mkdtemp makes it 0700: the directory gets the mode mkdir would give it

@@ -188,14 +188,18 @@ class Pretrained:
         self.tokenizer.save(str(directory / TOKENIZER_FILE))
         with_umask([directory / name for name in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)])
 
-    def save_hf(self, directory: str | Path) -> None:
+    def save_hf(self, directory: str | Path, family: str | None = None) -> None:
         """A Hugging Face transformers directory (BertForPreTraining, AlbertForPreTraining, ElectraForPreTraining,
-        GPT2LMHeadModel, ... by the heads) with a fast tokenizer."""
+        GPT2LMHeadModel, ... by the heads, or of `family`) with a fast tokenizer."""
         import transformers
 
         from models import to_hf
+        from models.hf import ROBERTA_PAD_ID
 
-        model = to_hf(self.model)
+        if family == "roberta" and self.special.pad != ROBERTA_PAD_ID:
+            raise UserError(f"RoBERTa numbers positions from its pad id {ROBERTA_PAD_ID}; this tokenizer's pad id is "
+                            f"{self.special.pad}: export it as bert (leave out --hf-family)")
+        model = to_hf(self.model, family)
         ids = {"pad_token_id": self.special.pad}  # the tokenizer's own ids, not the family's defaults (GPT-2: 50256)
         if self.config.causal:  # GPT-2 begins and ends texts with its one end-of-text token
             ids |= {"bos_token_id": self.special.eos, "eos_token_id": self.special.eos}

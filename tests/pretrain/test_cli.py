@@ -317,3 +317,27 @@ def test_help_shows_defaults_and_a_small_corpus_says_its_tokenizer_is_smaller(tm
     process = run_cli("tokenizer", "train", "--corpus", str(corpus), "--kind", "wordpiece", "--vocab-size", "500",
                       "--out", str(tmp_path / "tok"))
     assert process.returncode == 0 and "(not the 500 asked for" in process.stdout
+
+
+def test_a_roberta_style_model_exports_as_roberta(tmp_path):
+    import transformers
+
+    recipe = CONFIGS / "tiny" / "roberta.yaml"
+    assert main(["fit", "-c", str(recipe), *overrides(tmp_path, recipe), "--trainer.max_steps", "2",
+                 "--model.warmup_steps", "1", "--trainer.limit_val_batches", "0",
+                 "--trainer.enable_progress_bar", "false"]) == 0
+    checkpoint = tmp_path / "runs" / "checkpoints" / "last.ckpt"
+    assert main(["export", str(checkpoint), str(tmp_path / "hf"), "--format", "hf", "--hf-family", "roberta"]) == 0
+    hf_model = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf_model).__name__ == "RobertaForMaskedLM"
+    ours = pretrain.load(checkpoint)
+    ids = torch.tensor(ours.tokenize(["To be, or not to be: that is the question."]))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, ours.model(ids)["mlm"], atol=1e-4, rtol=1e-4)
+    bert = CONFIGS / "tiny" / "bert.yaml"  # a WordPiece tokenizer: its pad id is 0, not RoBERTa's 1
+    assert main(["fit", "-c", str(bert), *overrides(tmp_path / "b", bert), "--trainer.max_steps", "1",
+                 "--model.warmup_steps", "0", "--trainer.limit_val_batches", "0",
+                 "--trainer.enable_progress_bar", "false"]) == 0
+    process = run_cli("export", str(tmp_path / "b" / "runs" / "checkpoints" / "last.ckpt"), str(tmp_path / "x"),
+                      "--format", "hf", "--hf-family", "roberta")
+    assert process.returncode == 2 and "this tokenizer's pad id is 0" in process.stderr
