@@ -2,8 +2,8 @@
 # A causal model downstream: a small GPT pretrained (CLM) on the 50,000 unlabelled IMDB reviews for at most 15
 # minutes on CPU (benchmarks/imdb-gpt.yaml), then on SST-2: fine-tuned GPT-1 style (last-token head, auxiliary LM
 # loss 0.5) against the same architecture and tokenizer fine-tuned from random weights (median of seeds 1, 2, 3,
-# the settings of pretraining_pays_off.sh), and scored zero-shot and 4-shot (seeds 1, 2, 3) with two prompts, against
-# the majority class. Needs ../shared/data. From the repository root:
+# the settings of pretraining_pays_off.sh), and scored zero-shot and 4-shot (seeds 1, 2, 3) with two prompts, plain
+# and calibrated (--calibrate), against the majority class. Needs ../shared/data. From the repository root:
 #   bash benchmarks/causal_downstream.sh
 set -euo pipefail
 RUN=${RUN:-runs/imdb-gpt}
@@ -18,30 +18,35 @@ PROMPTS=("Review: {text}\nSentiment:| negative, positive" "{text} It was| terrib
 for index in 0 1; do
   template=${PROMPTS[$index]%%|*}
   labels=${PROMPTS[$index]#*|}
-  for shots in 0 4; do
-    for seed in 1 2 3; do
-      [ "$shots" = 0 ] && [ "$seed" != 1 ] && continue  # zero-shot draws nothing: one seed
-      out="$RUN/sst2-prompt$index-$shots-shot-seed$seed.json"
-      [ -f "$out" ] || pretrain zero-shot --model "$MODEL" --task sst2 --data-dir "$GLUE" --template "$template" \
-        --labels "$labels" --shots "$shots" --seed "$seed" --out "$out" > /dev/null
+  for calibrate in "" --calibrate; do
+    for shots in 0 4; do
+      for seed in 1 2 3; do
+        [ "$shots" = 0 ] && [ "$seed" != 1 ] && continue  # zero-shot draws nothing: one seed
+        out="$RUN/sst2-prompt$index${calibrate:+-calibrated}-$shots-shot-seed$seed.json"
+        [ -f "$out" ] || pretrain zero-shot --model "$MODEL" --task sst2 --data-dir "$GLUE" --template "$template" \
+          --labels "$labels" --shots "$shots" --seed "$seed" $calibrate --out "$out" > /dev/null
+      done
     done
   done
 done
 python - "$RUN" <<'PY'
 import glob, json, statistics, sys
 run = sys.argv[1]
-print(f"{'SST-2 dev accuracy (872 sentences)':<46} {'median':>7} {'min':>7} {'max':>7}  seeds")
+print(f"{'SST-2 dev accuracy (872 sentences)':<58} {'median':>7} {'min':>7} {'max':>7}  seeds")
 for name in ("pretrained", "scratch"):
     results = json.load(open(f"{run}/sst2-{name}/results.json"))
     summary, runs = results["summary"]["accuracy"], results["runs"]
-    print(f"{'fine-tuned GPT-1 style, from ' + name:<46} {summary['median']:7.2f} {summary['min']:7.2f} "
+    print(f"{'fine-tuned GPT-1 style, from ' + name:<58} {summary['median']:7.2f} {summary['min']:7.2f} "
           f"{summary['max']:7.2f}  " + ", ".join(f"{r['accuracy']:.2f}" for r in runs))
 for index in (0, 1):
-    for shots in (0, 4):
-        runs = [json.load(open(path)) for path in sorted(glob.glob(f"{run}/sst2-prompt{index}-{shots}-shot-seed*.json"))]
-        values = [r["metrics"]["accuracy"] for r in runs]
-        label = f"{shots}-shot {runs[0]['template']!r} ->{'/'.join(runs[0]['label_words'])}"
-        print(f"{label:<46} {statistics.median(values):7.2f} {min(values):7.2f} {max(values):7.2f}  "
-              + ", ".join(f"{v:.2f}" for v in values))
-print(f"{'majority class':<46} {runs[0]['majority_accuracy']:7.2f}")
+    for calibrated in ("", "-calibrated"):
+        for shots in (0, 4):
+            runs = [json.load(open(path)) for path in
+                    sorted(glob.glob(f"{run}/sst2-prompt{index}{calibrated}-{shots}-shot-seed*.json"))]
+            values = [r["metrics"]["accuracy"] for r in runs]
+            label = (f"{shots}-shot{calibrated.replace('-', ' ')} {runs[0]['template']!r} ->"
+                     + "/".join(runs[0]["label_words"]))
+            print(f"{label:<58} {statistics.median(values):7.2f} {min(values):7.2f} {max(values):7.2f}  "
+                  + ", ".join(f"{v:.2f}" for v in values))
+print(f"{'majority class':<58} {runs[0]['majority_accuracy']:7.2f}")
 PY

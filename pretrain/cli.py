@@ -92,6 +92,9 @@ def parser() -> argparse.ArgumentParser:
     shot.add_argument("--separator", default="\\n\\n", help="between the examples of a few-shot prompt")
     shot.add_argument("--normalize", action="store_true",
                       help="score a label word by its mean log-probability per token (default: the sum)")
+    shot.add_argument("--calibrate", action="store_true",
+                      help="subtract each label's score after the same prompt around 'N/A' (Zhao et al. 2021): "
+                           "removes the model's bias towards a label word")
     shot.add_argument("--limit", type=int, default=None, help="score only the first N dev examples")
     shot.add_argument("--batch-size", type=int, default=16, help="prompts scored at once")
     shot.add_argument("--out", type=Path, default=None, help="also write the results as JSON to this file")
@@ -196,7 +199,7 @@ def zero_shot_command(args: argparse.Namespace) -> None:
     if args.shots and train_path is None:
         raise UserError("few-shot prompts draw from labelled training examples: give --train")
     settings = Prompting(unescape(args.template), [unescape(w) for w in args.labels.split(",")], args.shots,
-                         args.seed, unescape(args.separator), args.normalize, args.batch_size)
+                         args.seed, unescape(args.separator), args.normalize, args.calibrate, args.batch_size)
     dev = read_examples(task, dev_path)
     train = read_examples(task, train_path) if args.shots else None
     labels = task.labels or tuple(sorted(set(dev.labels) | set(train.labels if train else [])))

@@ -28,6 +28,7 @@ class Prompting:
     seed: int = 0
     separator: str = "\n\n"  # between the examples of a few-shot prompt
     normalize: bool = False  # score a label by its mean log-probability per token instead of the sum
+    calibrate: bool = False  # subtract each label's score after a content-free input (Zhao et al. 2021)
     batch_size: int = 16
 
 
@@ -120,8 +121,8 @@ def label_log_probs(model: LanguageModel, prompts: list[list[int]], labels: list
     return scores / label_mask.sum(1) if normalize else scores
 
 
-def classify(pretrained: Pretrained, prompts: list[str], settings: Prompting) -> tuple[Tensor, int]:
-    """The index of the best-scoring label word for each prompt, and how many prompts were cut (from the left) to
+def label_scores(pretrained: Pretrained, prompts: list[str], settings: Prompting) -> tuple[Tensor, int]:
+    """Each label word's score after each prompt (prompts, labels), and how many prompts were cut (from the left) to
     leave room for the longest label within the model's positions. Prompts start with the tokenizer's document
     boundary, as the model's pretraining documents did."""
     model = pretrained.language_model()
@@ -141,7 +142,7 @@ def classify(pretrained: Pretrained, prompts: list[str], settings: Prompting) ->
         chunk = order[begin:begin + settings.batch_size]
         scores[chunk] = label_log_probs(model, [ids[i] for i in chunk], labels, pretrained.pad_id,
                                         settings.normalize).cpu()
-    return scores.argmax(-1), cut
+    return scores, cut
 
 
 def evaluate(pretrained: Pretrained, task: Task, dev: Examples, targets: Tensor, settings: Prompting,
@@ -155,12 +156,16 @@ def evaluate(pretrained: Pretrained, task: Task, dev: Examples, targets: Tensor,
         raise UserError(f"zero- and few-shot scoring needs a classification task; {task.name} is a regression")
     check_template(settings.template, task.pair is not None)
     prompts = prompts_for(dev, settings, train, train_targets)
-    predictions, cut = classify(pretrained, prompts, settings)
+    scores, cut = label_scores(pretrained, prompts, settings)
+    if settings.calibrate:  # the same prompt (and shots) around "N/A": what the model prefers with no content
+        free = Examples(["N/A"] * len(dev.texts), ["N/A"] * len(dev.texts) if dev.pairs is not None else None)
+        scores = scores - label_scores(pretrained, prompts_for(free, settings, train, train_targets), settings)[0]
+    predictions = scores.argmax(-1)
     size = len(settings.label_words)
     confusion = torch.zeros(size, size, dtype=torch.long)
     confusion.index_put_((targets, predictions), torch.ones_like(targets), accumulate=True)
     return {"task": task.name, "examples": len(targets), "shots": settings.shots, "seed": settings.seed,
-            "template": settings.template, "label_words": settings.label_words,
+            "template": settings.template, "label_words": settings.label_words, "calibrated": settings.calibrate,
             "metrics": compute_metrics(task.metrics, predictions, targets, size),
             "majority_accuracy": 100 * float(targets.bincount(minlength=size).max()) / len(targets),
             "confusion": confusion.tolist(), "cut_prompts": cut, "example_prompt": prompts[0]}
@@ -169,8 +174,9 @@ def evaluate(pretrained: Pretrained, task: Task, dev: Examples, targets: Tensor,
 def report(results: dict, labels: Sequence[str]) -> str:
     """Metrics against the majority class, and the confusion matrix, as lines of text."""
     metrics = ", ".join(f"{name} {value:.2f}" for name, value in results["metrics"].items())
-    lines = [f"{results['task']}, {results['shots']}-shot, {results['examples']:,} examples: {metrics} (majority "
-             f"class: accuracy {results['majority_accuracy']:.2f})"]
+    calibrated = ", calibrated" if results.get("calibrated") else ""
+    lines = [f"{results['task']}, {results['shots']}-shot{calibrated}, {results['examples']:,} examples: {metrics} "
+             f"(majority class: accuracy {results['majority_accuracy']:.2f})"]
     if results["cut_prompts"]:
         lines.append(f"note: {results['cut_prompts']:,} prompts were cut from the left to fit the model's positions")
     names = [f"{label} {word.strip() or repr(word)}" for label, word in zip(labels, results["label_words"],

@@ -126,3 +126,24 @@ def test_a_hugging_face_gpt2_directory_scores_as_the_model_it_was_exported_from(
     prompts, labels = [[5, 6, 7], [8, 9]], [[10], [11, 12]]
     torch.testing.assert_close(label_log_probs(hf.language_model(), prompts, labels),
                                label_log_probs(pretrain.load(causal_dir).language_model(), prompts, labels))
+
+
+def test_calibration_removes_a_models_preference_for_a_label_word(causal_dir):
+    """Calibrated (each label's score minus its score after the same prompt around "N/A"), the predictions do not
+    change when a bias towards one label word is added to the LM head: that bias is what calibration removes."""
+    words = [" positive", " plot"]  # single tokens in this tokenizer
+    plain, biased = pretrain.load(causal_dir), pretrain.load(causal_dir)
+    ids = [plain.tokenizer.encode(w, add_special_tokens=False).ids for w in words]
+    assert all(len(i) == 1 for i in ids)  # one token each: the bias then cancels exactly
+    with torch.no_grad():
+        bias = torch.zeros(biased.config.vocab_size)
+        bias[ids[0][0]] = 8.0
+        biased.model.heads["clm"].bias = torch.nn.Parameter(bias)
+    rows = sentiment_rows(16, 2)
+    dev = Examples([r["text"] for r in rows], None, [str(r["label"]) for r in rows])
+    targets, task = torch.tensor([r["label"] for r in rows]), Task("mine", text="text", label="label")
+    uncalibrated = evaluate(biased, task, dev, targets, Prompting(TEMPLATE, words))["confusion"]
+    assert [row[1] for row in uncalibrated] == [0, 0]  # the bias decides every prediction
+    calibrated = [evaluate(model, task, dev, targets, Prompting(TEMPLATE, words, calibrate=True))["confusion"]
+                  for model in (plain, biased)]
+    assert calibrated[0] == calibrated[1]
