@@ -2,6 +2,7 @@
 throughput benchmark's two sides compute the same loss: it times the same computation."""
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -37,3 +38,24 @@ def test_throughput_benchmark_prints_every_row_with_a_ratio():
                                                                   "gpt2-small") for _ in range(2)]
     for ours in rows[::2]:  # tokens/s and MFU for each side, the ratio on our row
         assert re.search(r"ours .* [\d,]+ +- +[\d.]+% +[\d.]+x$", ours), ours
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "imdb").is_dir(),
+                    reason="needs ../shared/data (present on CI)")
+def test_the_objectives_comparison_runs_end_to_end_on_a_tiny_budget(tmp_path):
+    """Every arm pretrains (a few seconds each), every arm and baseline fine-tunes on both tasks, and the JSON has
+    the shape the README and the issue describe."""
+    process = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "objectives_compared.py"), "--smoke",
+                              "--budget-minutes", "0.05", "--seeds", "1", "--out", str(tmp_path)],
+                             capture_output=True, text=True, cwd=tmp_path)
+    assert process.returncode == 0, process.stderr[-2000:]
+    results = json.loads((tmp_path / "objectives_compared.json").read_text())
+    assert set(results) == {"budget_minutes", "machine", "arms"}
+    assert list(results["arms"]) == ["bert", "roberta", "electra", "albert", "gpt", "scratch_encoder",
+                                     "scratch_decoder"]
+    for arm, entry in results["arms"].items():
+        assert set(entry) == ({"imdb_1k", "sst2_5k"} | (set() if arm.startswith("scratch") else {"pretrain"}))
+        assert all(set(entry[t]) == {"median", "min", "max", "seeds"} for t in ("imdb_1k", "sst2_5k"))
+        if "pretrain" in entry:
+            assert entry["pretrain"]["steps"] > 0 and entry["pretrain"]["tokens"] > 0
+    assert (tmp_path / "objectives_compared.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,210 @@
+"""Does pretraining pay, and which objective pays most? Every arm the same backbone size, corpus, tokenizer and
+wall-clock budget; then the same fine-tuning on a low-resource task (IMDB with 1,000 labelled reviews) and a
+high-resource one (SST-2 with 5,000 sentences), three seeds each, against two from-scratch baselines.
+
+    python benchmarks/objectives_compared.py                      # the full comparison (about 2.5 h on 2 CPU cores)
+    python benchmarks/objectives_compared.py --budget-minutes 3   # shorter pretraining per arm
+    python benchmarks/objectives_compared.py --smoke --out runs/smoke   # minutes: tiny sizes, a few hundred rows
+
+Arms: bert (MLM + NSP, pairs), roberta (MLM, stream, whole-word masking), electra (RTD, generator 1/4 wide),
+albert (MLM + SOP, factorized E = 128, all layers shared), gpt (CLM; fine-tuned GPT-1 style), and scratch_encoder /
+scratch_decoder (the roberta and gpt architectures fine-tuned from random weights). Pretraining is cached in OUT: a
+run that is stopped and started again reuses every finished arm and fine-tuning. Needs ../shared/data (IMDB, GLUE).
+Writes OUT/objectives_compared.json (and, for the full run, benchmarks/results/objectives_compared.json), a PNG
+chart, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import random
+import statistics
+from pathlib import Path
+
+import yaml
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+ARMS = ("bert", "roberta", "electra", "albert", "gpt")
+SCRATCH = {"scratch_encoder": "roberta", "scratch_decoder": "gpt"}  # baseline -> the arm whose architecture it takes
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def prepare_tasks(out: Path, train_rows: int, test_rows: int, sst2_rows: int) -> dict[str, tuple[Path, Path, int]]:
+    """The fixed draws (seed 0): IMDB `train_rows` balanced from train.jsonl and `test_rows` from test.jsonl; SST-2
+    `sst2_rows` from its training set and its full dev set. -> task: (train file, dev file, max length)"""
+    rng = random.Random(0)
+    imdb = [json.loads(line) for line in (DATA / "imdb" / "train.jsonl").open()]
+    by_label = {label: [r for r in imdb if r["label"] == label] for label in (0, 1)}
+    train = [r for label in (0, 1) for r in rng.sample(by_label[label], train_rows // 2)]
+    test = rng.sample([json.loads(line) for line in (DATA / "imdb" / "test.jsonl").open()], test_rows)
+    clean = (lambda text: text.replace("<br />", " "))
+    tasks = {"imdb_1k": (write_jsonl(out / "imdb_train.jsonl", [{"text": clean(r["text"]), "label": r["label"]}
+                                                                for r in rng.sample(train, len(train))]),
+                         write_jsonl(out / "imdb_test.jsonl", [{"text": clean(r["text"]), "label": r["label"]}
+                                                               for r in test]), 256)}
+    sst2 = [row for row in csv.DictReader((DATA / "glue" / "SST-2" / "train.tsv").open(), delimiter="\t")]
+    dev = [row for row in csv.DictReader((DATA / "glue" / "SST-2" / "dev.tsv").open(), delimiter="\t")]
+    tasks["sst2_5k"] = (write_jsonl(out / "sst2_train.jsonl", [{"text": r["sentence"], "label": int(r["label"])}
+                                                               for r in rng.sample(sst2, sst2_rows)]),
+                        write_jsonl(out / "sst2_dev.jsonl", [{"text": r["sentence"], "label": int(r["label"])}
+                                                             for r in dev[:test_rows]]), 64)
+    return tasks
+
+
+def recipe(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_minutes: float, run: Path) -> dict:
+    """The arm's `pretrain fit` recipe: one backbone size for all (ALBERT factorizes and shares it)."""
+    causal = arm == "gpt"
+    backbone = dict(sizes, type_vocab_size=0 if causal else 2, causal=causal, norm_position="pre" if causal else "post")
+    if arm == "albert":
+        backbone |= dict(embedding_size=128 if sizes["hidden_size"] > 128 else 32, sharing="all")
+    objectives = {"bert": ["MaskedLM", "NextSentencePrediction"], "roberta": ["MaskedLM"],
+                  "electra": ["ReplacedTokenDetection"], "albert": ["MaskedLM", "SentenceOrderPrediction"],
+                  "gpt": ["CausalLM"]}[arm]
+    entries = [{"class_path": f"objectives.{name}"} for name in objectives]
+    if arm == "roberta":
+        entries[0]["init_args"] = {"whole_word": True}
+    seconds = int(budget_minutes * 60)
+    return {
+        "model": {"backbone": backbone, "objectives": entries, "learning_rate": 5e-4, "warmup_steps": 100,
+                  "total_steps": 100_000},  # a budget in time, not steps: the schedule is warm-up then ~flat
+        "data": {"files": [str(corpus)], "clean": True, "tokenizer": str(tokenizer),
+                 "layout": "pairs" if arm in ("bert", "albert") else "stream",
+                 "pair_task": "sop" if arm == "albert" else "nsp", "word_starts": arm == "roberta",
+                 "cls_first": not causal, "max_length": 128, "batch_size": 32, "validation_fraction": 0.005},
+        "trainer": {"max_steps": 100_000, "max_time": f"00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:"
+                                                       f"{seconds % 60:02d}",
+                    "log_every_n_steps": 10, "val_check_interval": 100_000, "limit_val_batches": 0,
+                    "enable_progress_bar": False, "default_root_dir": str(run)},
+    }
+
+
+def pretrain_arm(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_minutes: float, out: Path) -> dict:
+    """Pretrain once (cached: a finished arm is read back); steps, tokens, seconds, final training loss."""
+    from pretrain.cli import main
+
+    run = out / "pretrain" / arm
+    summary_path = run / "summary.json"
+    if summary_path.is_file():
+        return json.loads(summary_path.read_text())
+    recipe_path = out / "recipes" / f"{arm}.yaml"
+    recipe_path.parent.mkdir(parents=True, exist_ok=True)
+    recipe_path.write_text(yaml.safe_dump(recipe(arm, sizes, tokenizer, corpus, budget_minutes, run)))
+    if main(["fit", "-c", str(recipe_path)]) != 0:
+        raise SystemExit(f"pretraining {arm} failed (recipe: {recipe_path})")
+    rows = [row for row in csv.DictReader((run / "logs" / "version_0" / "metrics.csv").open())]
+    losses = [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
+    timing = [float(r["train/tokens_per_sec"]) for r in rows if r.get("train/tokens_per_sec")]
+    steps = int(max(int(r["step"]) for r in rows)) + 1
+    tokens = steps * 32 * 128
+    summary = {"steps": steps, "tokens": tokens, "seconds": round(tokens / statistics.median(timing), 1) if timing
+               else None, "final_loss": losses[-1][1] if losses else None}
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def fine_tune(arm: str, checkpoint: Path, task: str, files: tuple[Path, Path, int], seeds: list[int], out: Path,
+              epochs: int, from_scratch: bool) -> dict:
+    from pretrain.downstream.finetune import Settings, finetune
+    from pretrain.downstream.tasks import Task
+
+    results_path = out / "finetune" / arm / task / "results.json"
+    if results_path.is_file():
+        results = json.loads(results_path.read_text())
+    else:
+        train, dev, length = files
+        settings = Settings(epochs=epochs, learning_rate=1e-4, batch_size=32, max_length=length,
+                            from_scratch=from_scratch)
+        results = finetune(checkpoint, Task(task, text="text", label="label", labels=("0", "1")), train, dev,
+                           results_path.parent, seeds, settings)
+    accuracies = [run["accuracy"] for run in results["runs"]]
+    return {"median": statistics.median(accuracies), "min": min(accuracies), "max": max(accuracies),
+            "seeds": accuracies}
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(results["arms"])
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    for axis, task in zip(axes, ("imdb_1k", "sst2_5k"), strict=True):
+        medians = [results["arms"][a][task]["median"] for a in arms]
+        low = [m - results["arms"][a][task]["min"] for a, m in zip(arms, medians, strict=True)]
+        high = [results["arms"][a][task]["max"] - m for a, m in zip(arms, medians, strict=True)]
+        axis.bar(arms, medians, yerr=[low, high], capsize=4, color=["C0"] * (len(arms) - 2) + ["C7", "C7"])
+        axis.set_title(f"{task}: accuracy (median, min-max of 3 seeds)")
+        axis.set_ylim(min(50, min(medians) - 5), 100)
+        axis.tick_params(axis="x", rotation=30)
+    figure.suptitle(f"{results['budget_minutes']} min of pretraining per arm, {results['machine']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget-minutes", type=float, default=12.0, help="pretraining wall-clock per arm")
+    parser.add_argument("--out", type=Path, default=Path("runs/objectives_compared"))
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes and data: checks the script in minutes")
+    args = parser.parse_args()
+    from pretrain.data.tokenizer import train_tokenizer_on_files
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    smoke = args.smoke
+    sizes = (dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128) if smoke else
+             dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024))
+    budget = 0.2 if smoke and args.budget_minutes == 12.0 else args.budget_minutes  # 12: the default
+    corpus = DATA / "imdb" / "unsup.jsonl"
+    if smoke:  # a few hundred reviews stand for the corpus
+        corpus = write_jsonl(out / "unsup_sample.jsonl", [json.loads(line) for _, line in
+                                                          zip(range(400), corpus.open(), strict=False)])
+    tokenizer = out / "tokenizer" / "tokenizer.json"
+    if not tokenizer.is_file():  # one byte-level BPE tokenizer for every arm (GPT needs no [CLS]; BPE has both)
+        train_tokenizer_on_files([corpus], "bpe", 2000 if smoke else 16000, tokenizer, clean=True)
+    from pretrain.data.tokenizer import load_tokenizer
+
+    sizes |= dict(vocab_size=load_tokenizer(tokenizer).get_vocab_size(), max_position_embeddings=256)
+    tasks = prepare_tasks(out, 200 if smoke else 1000, 100 if smoke else 5000, 300 if smoke else 5000)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    epochs = {"imdb_1k": 1 if smoke else 4, "sst2_5k": 1 if smoke else 3}
+    results = {"budget_minutes": budget, "machine": f"{platform.machine()}, {platform.processor() or 'CPU'}, "
+                                                     f"torch threads {__import__('torch').get_num_threads()}",
+               "arms": {}}
+    print(f"every arm: {sizes}; {budget} min of pretraining; seeds {seeds}", flush=True)
+    for arm in (*ARMS, *SCRATCH):
+        source = SCRATCH.get(arm, arm)
+        pretrained = pretrain_arm(source, sizes, tokenizer, corpus, budget, out)
+        checkpoint = out / "pretrain" / source / "checkpoints" / "last.ckpt"
+        entry = {} if arm in SCRATCH else {"pretrain": pretrained}
+        for task, files in tasks.items():
+            entry[task] = fine_tune(arm, checkpoint, task, files, seeds, out, epochs[task], arm in SCRATCH)
+        results["arms"][arm] = entry
+    (out / "objectives_compared.json").write_text(json.dumps(results, indent=2) + "\n")
+    if not smoke:
+        target = Path(__file__).resolve().parent / "results" / "objectives_compared.json"
+        target.parent.mkdir(exist_ok=True)
+        target.write_text(json.dumps(results, indent=2) + "\n")
+    chart(results, out / "objectives_compared.png")
+    print(f"{'arm':<16}{'steps':>7}{'tokens':>12}{'seconds':>9}{'loss':>7}   {'IMDB-1k med [min, max]':<24}"
+          f"{'SST-2-5k med [min, max]':<24}")
+    for arm, entry in results["arms"].items():
+        p = entry.get("pretrain", {})
+        cells = "".join(f"{e['median']:6.2f} [{e['min']:.2f}, {e['max']:.2f}]".ljust(24)
+                        for e in (entry["imdb_1k"], entry["sst2_5k"]))
+        print(f"{arm:<16}{p.get('steps', '-'):>7}{p.get('tokens', '-'):>12}{p.get('seconds') or '-':>9}"
+              f"{p.get('final_loss') or float('nan'):7.2f}   {cells}")
+    print(f"written: {out / 'objectives_compared.json'}, {out / 'objectives_compared.png'}")
+
+
+if __name__ == "__main__":
+    main()
