@@ -133,6 +133,9 @@ def label_scores(pretrained: Pretrained, prompts: list[str], settings: Prompting
     start = [special.sep if special.sep is not None else special.eos] if (special.sep, special.eos) != (None, None) \
         else []
     room = pretrained.config.max_position_embeddings - max(len(label) for label in labels)
+    if room < 2:
+        raise UserError(f"the label words take {max(len(label) for label in labels)} tokens of the model's "
+                        f"{pretrained.config.max_position_embeddings} positions, leaving no room for a prompt")
     ids = [start + e.ids for e in pretrained.tokenizer.encode_batch(prompts, add_special_tokens=False)]
     cut = sum(len(row) > room for row in ids)
     ids = [row[-room:] for row in ids]
