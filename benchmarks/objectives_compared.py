@@ -123,7 +123,8 @@ def fine_tune(arm: str, checkpoint: Path, task: str, files: tuple[Path, Path, in
                             from_scratch=from_scratch)
         results = finetune(checkpoint, Task(task, text="text", label="label", labels=("0", "1")), train, dev,
                            results_path.parent, seeds, settings)
-    accuracies = [run["accuracy"] for run in results["runs"]]
+    # the last epoch's accuracy, not the best epoch's: choosing an epoch on the scored set would flatter every arm
+    accuracies = [run["history"][-1]["accuracy"] for run in results["runs"]]
     return {"median": statistics.median(accuracies), "min": min(accuracies), "max": max(accuracies),
             "seeds": accuracies}
 
