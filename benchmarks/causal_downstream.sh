@@ -29,24 +29,4 @@ for index in 0 1; do
     done
   done
 done
-python - "$RUN" <<'PY'
-import glob, json, statistics, sys
-run = sys.argv[1]
-print(f"{'SST-2 dev accuracy (872 sentences)':<70} {'median':>7} {'min':>7} {'max':>7}  seeds")
-for name in ("pretrained", "scratch"):
-    results = json.load(open(f"{run}/sst2-{name}/results.json"))
-    summary, runs = results["summary"]["accuracy"], results["runs"]
-    print(f"{'fine-tuned GPT-1 style, from ' + name:<70} {summary['median']:7.2f} {summary['min']:7.2f} "
-          f"{summary['max']:7.2f}  " + ", ".join(f"{r['accuracy']:.2f}" for r in runs))
-for index in (0, 1):
-    for calibrated in ("", "-calibrated"):
-        for shots in (0, 4):
-            runs = [json.load(open(path)) for path in
-                    sorted(glob.glob(f"{run}/sst2-prompt{index}{calibrated}-{shots}-shot-seed*.json"))]
-            values = [r["metrics"]["accuracy"] for r in runs]
-            label = (f"{shots}-shot{calibrated.replace('-', ' ')} {runs[0]['template']!r} ->"
-                     + "/".join(runs[0]["label_words"]))
-            print(f"{label:<70} {statistics.median(values):7.2f} {min(values):7.2f} {max(values):7.2f}  "
-                  + ", ".join(f"{v:.2f}" for v in values))
-print(f"{'majority class':<70} {runs[0]['majority_accuracy']:7.2f}")
-PY
+python benchmarks/payoff_table.py "$RUN" --prefix "fine-tuned GPT-1 style, " --zero-shot

@@ -11,13 +11,4 @@ FINETUNE=(--task sst2 --data-dir "$GLUE" --seeds 1,2,3 --epochs 1 --learning-rat
 [ -f "$RUN/checkpoints/last.ckpt" ] || pretrain fit -c benchmarks/imdb-mlm.yaml --trainer.default_root_dir "$RUN"
 pretrain finetune --model "$RUN/checkpoints/last.ckpt" "${FINETUNE[@]}" --out "$RUN/sst2-pretrained"
 pretrain finetune --model "$RUN/checkpoints/last.ckpt" "${FINETUNE[@]}" --from-scratch --out "$RUN/sst2-scratch"
-python - "$RUN" <<'PY'
-import json, sys
-run = sys.argv[1]
-print(f"{'SST-2 dev accuracy':<22} {'median':>7} {'min':>7} {'max':>7}  seeds 1, 2, 3")
-for name in ("pretrained", "scratch"):
-    results = json.load(open(f"{run}/sst2-{name}/results.json"))
-    summary, runs = results["summary"]["accuracy"], results["runs"]
-    print(f"{'from ' + name:<22} {summary['median']:7.2f} {summary['min']:7.2f} {summary['max']:7.2f}  "
-          + ", ".join(f"{r['accuracy']:.2f}" for r in runs))
-PY
+python benchmarks/payoff_table.py "$RUN"

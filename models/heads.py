@@ -8,6 +8,7 @@ including an objective's own, without a table of names here.
 
 from __future__ import annotations
 
+import abc
 import importlib
 from functools import partial
 from typing import Any
@@ -113,7 +114,7 @@ class Pooler(nn.Module):
         return self.dense(hidden_states[:, 0]).tanh()
 
 
-class SequenceHead(Head):
+class SequenceHead(Head, abc.ABC):
     """A sequence-level head: `pool` makes one vector per row, `classify` (dropout, linear) maps it to labels;
     `forward` is the two in a row. They are separate so that fine-tuning can add the vectors of two inputs first
     (GPT-1's symmetric pairs). (B, T, H) -> (B, labels)"""
@@ -125,9 +126,9 @@ class SequenceHead(Head):
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         init_weights(self.classifier, config.initializer_range)
 
+    @abc.abstractmethod
     def pool(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """(B, T, H), (B, T) 1 for real tokens -> (B, H)"""
-        raise NotImplementedError
+        """(B, T, H), (B, T) 1 for real tokens -> (B, H): which position(s) the head reads, each subclass its own."""
 
     def classify(self, features: Tensor) -> Tensor:
         """(B, H) -> (B, labels)"""

@@ -198,6 +198,8 @@ def zero_shot_command(args: argparse.Namespace) -> None:
         raise UserError("--shots must be at least 0, --batch-size and --limit at least 1")
     if args.shots and train_path is None:
         raise UserError("few-shot prompts draw from labelled training examples: give --train")
+    if args.out is not None and args.out.exists():
+        raise UserError(f"--out {args.out} already exists: choose a new file (nothing is overwritten)")
     settings = Prompting(unescape(args.template), [unescape(w) for w in args.labels.split(",")], args.shots,
                          args.seed, unescape(args.separator), args.normalize, args.calibrate, args.batch_size)
     dev = read_examples(task, dev_path)
@@ -215,8 +217,9 @@ def zero_shot_command(args: argparse.Namespace) -> None:
     results["model"] = str(args.model)
     print(report(results, labels))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        from pretrain.training.checkpoints import write_atomically
+
+        write_atomically(args.out, lambda file: file.write((json.dumps(results, indent=2) + "\n").encode()))
         print(f"results: {args.out}")
 
 

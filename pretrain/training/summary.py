@@ -26,7 +26,10 @@ class ModelOverview(Callback):
         parts = ", ".join(f"{name} {sum(p.numel() for p in child.parameters()):,}"
                           for name, child in pl_module.named_children() if any(True for _ in child.parameters()))
         line = f"model: {total:,} parameters ({parts}; tied weights counted in each part, once in the total)"
-        length = getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("max_length")
+        from pretrain.data.datamodule import PretrainingDataModule
+
+        data = trainer.datamodule
+        length = data.hparams.max_length if isinstance(data, PretrainingDataModule) else None
         if isinstance(pl_module, PretrainingModule) and length:
             line += f", {model_flops_per_token(pl_module, length) / 1e6:,.1f} MFLOP per training token at length " \
                     f"{length}"

@@ -103,11 +103,14 @@ def test_bad_input_is_one_clear_error(causal_dir, tmp_path):
         (["--model", str(causal_dir), *base[:-1], " no, maybe, yes"], "gives 3 words for the task's 2 labels"),
         (["--model", str(causal_dir), *base[:3], "{review}:", *base[4:]], "the template must place {text}"),
         (["--model", str(causal_dir), *base, "--shots", "2"], "give --train"),
+        (["--model", str(causal_dir), *base, "--out", str(dev)], "already exists: choose a new file"),
     ]
+    kept = dev.read_text()
     for arguments, message in cases:
         process = run_cli("zero-shot", *arguments)
         assert process.returncode == 2 and message in process.stderr and "Traceback" not in process.stderr, \
             (message, process.stderr)
+    assert dev.read_text() == kept  # the file named by --out was not touched
     with pytest.raises(UserError, match="stsb is a regression"):
         evaluate(pretrain.load(causal_dir), Task("stsb", text="a", label="b", regression=True),
                  Examples(["x"], None, ["1.0"]), torch.tensor([1.0]), Prompting("{text}", [" a"]))
