@@ -156,6 +156,8 @@ def add_finetune_options(command: argparse.ArgumentParser) -> None:
                          help="random weights of the same architecture and tokenizer (the baseline)")
     command.add_argument("--lm-weight", type=float, default=0.5,
                          help="causal models: weight of the auxiliary language-model loss (GPT-1: 0.5; 0: off)")
+    command.add_argument("--last-epoch-only", action="store_true",
+                         help="evaluate on dev after the last epoch only and keep that model (not the best epoch's)")
 
 
 def finetune_settings(args: argparse.Namespace):
@@ -173,7 +175,7 @@ def finetune_settings(args: argparse.Namespace):
     check_new_directory(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     return seeds, Settings(args.epochs, args.learning_rate, args.batch_size, args.max_length, args.weight_decay,
-                           args.warmup_ratio, args.from_scratch, args.lm_weight)
+                           args.warmup_ratio, args.from_scratch, args.lm_weight, args.last_epoch_only)
 
 
 def finetune_command(args: argparse.Namespace) -> None:

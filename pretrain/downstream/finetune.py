@@ -42,6 +42,7 @@ class Settings:
     warmup_ratio: float = 0.1
     from_scratch: bool = False  # same architecture and tokenizer, random weights: the baseline
     lm_weight: float = 0.5  # causal models: weight of the auxiliary LM loss (GPT-1's lambda); 0 turns it off
+    last_epoch_only: bool = False  # evaluate on dev after the last epoch only (the model kept is the last epoch's)
 
 
 class TaskExamples(torch.utils.data.Dataset):
@@ -169,7 +170,8 @@ def finetune_once(model_path: str | Path, task: Task, labels: tuple[str, ...], t
     module.train()  # `load` gives the model in eval mode; Lightning keeps each module's mode: dropout must be on
     trainer = pl.Trainer(max_epochs=settings.epochs, logger=CSVLogger(out, name="", version=""),
                          enable_checkpointing=False, num_sanity_val_steps=0, enable_model_summary=False,
-                         enable_progress_bar=False,
+                         enable_progress_bar=False, check_val_every_n_epoch=settings.epochs if
+                         settings.last_epoch_only else 1,
                          log_every_n_steps=min(50, len(loaders[0])))  # at least once an epoch
     trainer.fit(module, *loaders)
     best_score, metrics, epoch, state = module.best

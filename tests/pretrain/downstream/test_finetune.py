@@ -131,6 +131,15 @@ def test_fine_tuning_trains_with_dropout_on(model_dir, tmp_path, monkeypatch):
     assert seen and all(on and differ for on, differ in seen)
 
 
+def test_last_epoch_only_evaluates_once_and_keeps_the_last_epoch(model_dir, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(16, 0))
+    task = Task("mine", text="text", label="label")
+    results = finetune(model_dir, task, train, train, tmp_path / "out", [1],
+                       Settings(epochs=3, batch_size=8, last_epoch_only=True))
+    run = results["runs"][0]
+    assert len(run["history"]) == 1 and run["best_epoch"] == 3
+
+
 def test_empty_labels_are_refused_with_their_line(tmp_path):
     path = tmp_path / "train.csv"
     path.write_text("text,label\na fine film,1\na dull film,\n")
