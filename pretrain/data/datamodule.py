@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +16,8 @@ from objectives.base import Batch, Layout
 from pretrain.data.cache import cached_arrays, file_lock, fingerprint
 from pretrain.data.corpus import DocumentsBy, load_corpus, resolve_files
 from pretrain.data.packing import pack_stream, tokenize, tokenized_batches
-from pretrain.data.pairs import build_pairs, sentence_tokens
-from pretrain.data.streaming import StreamingBlocks
+from pretrain.data.pairs import pair_dataset, pair_parts
+from pretrain.data.streaming import PairLayout, StreamingExamples, StreamLayout
 from pretrain.data.tokenizer import TokenizerKind, load_tokenizer, size_note, special_ids, train_tokenizer_on_files
 from pretrain.errors import UserError
 
@@ -70,10 +71,10 @@ class TrainLoader(torch.utils.data.DataLoader):
         super().__init__(*args, **kwargs)
         self.datamodule = datamodule
 
-    def state_dict(self) -> dict[str, int]:
-        return dict(self.datamodule.position)
+    def state_dict(self) -> dict[str, int | list[int]]:
+        return copy.deepcopy(self.datamodule.position)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, int | list[int]]) -> None:
         self.datamodule.start_at(self, state)
 
 
@@ -111,7 +112,11 @@ class PretrainingDataModule(pl.LightningDataModule):
             CLM does not predict across a boundary). False: the separator is the only boundary, as in GPT-2 and
             RoBERTa, and attention runs on flash kernels (faster on GPUs).
         validation_files / validation_fraction: the validation split: separate files, or a fraction of documents.
-        streaming: read, tokenize and pack on the fly (corpora larger than memory; "stream" layout only).
+        streaming: read, tokenize and lay out on the fly (corpora larger than memory or disk): each document is
+            tokenized by one reader (ranks x workers: give num_workers > 0 to tokenize in parallel).
+        shuffle_buffer: with streaming: documents and then training examples pass through seeded shuffle buffers of
+            this many items (0: in corpus order); every epoch is reshuffled. (The cached path shuffles whole epochs.)
+        num_proc: processes that build the examples cache (datasets.map).
         train_tokenizer: when `tokenizer` does not exist yet, train one of this kind (wordpiece, bpe, unigram) with
             `tokenizer_vocab_size` tokens on `files` and save it there; an existing tokenizer is used as it is.
     """
@@ -136,17 +141,18 @@ class PretrainingDataModule(pl.LightningDataModule):
         streaming: bool = False,
         num_workers: int = 0,
         num_proc: int | None = None,
+        shuffle_buffer: int = 10_000,
         cache_dir: str = ".cache/pretrain",
         seed: int = 0,
         train_tokenizer: TokenizerKind | None = None,
         tokenizer_vocab_size: int = 8000,
     ):
         super().__init__()
-        if streaming and layout != "stream":
-            raise UserError("streaming supports the 'stream' layout only; use layout: stream or streaming: false")
         if word_starts and layout != "stream":
             raise UserError("word_starts (whole-word masking) comes with the 'stream' layout only; "
                             "set word_starts: false or layout: stream")
+        if shuffle_buffer < 0:
+            raise UserError(f"shuffle_buffer must be at least 0 (0: no shuffling), got {shuffle_buffer}")
         if not 0.0 <= validation_fraction < 1.0:
             raise UserError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
         self.save_hyperparameters()
@@ -178,21 +184,26 @@ class PretrainingDataModule(pl.LightningDataModule):
         if self.datasets:
             return
         if hp.validation_files:
-            self.datasets["train"] = self._examples(hp.files, "all")
-            self.datasets["val"] = self._examples(hp.validation_files, "all")
+            self.datasets["train"] = self._examples(hp.files, "all", training=True)
+            self.datasets["val"] = self._examples(hp.validation_files, "all", training=False)
         else:
-            self.datasets["train"] = self._examples(hp.files, "train")
+            self.datasets["train"] = self._examples(hp.files, "train", training=True)
             if hp.validation_fraction > 0:
-                self.datasets["val"] = self._examples(hp.files, "val")
+                self.datasets["val"] = self._examples(hp.files, "val", training=False)
 
-    def _examples(self, files: list[str], split: str) -> torch.utils.data.Dataset:
+    def _examples(self, files: list[str], split: str, training: bool) -> torch.utils.data.Dataset:
         hp = self.hparams
         settings = {k: hp[k] for k in ("layout", "max_length", "pair_task", "cls_first", "word_starts",
                                        "short_seq_prob", "validation_fraction", "text_field", "documents_by",
                                        "clean", "seed")} | {"split": split}
         if hp.streaming:
-            return StreamingBlocks(self._documents(files, split, streaming=True), self.tokenizer, hp.max_length,
-                                   self._separator(), self._cls(), hp.word_starts)
+            if hp.layout == "stream":
+                layout = StreamLayout(self.tokenizer, hp.max_length, self._separator(), self._cls(), hp.word_starts)
+            else:
+                layout = PairLayout(self.tokenizer, hp.max_length, *self._pair_ids(), hp.pair_task,
+                                    hp.short_seq_prob, hp.seed)
+            return StreamingExamples(self._documents(files, split, streaming=True), layout, hp.shuffle_buffer,
+                                     hp.seed, same_every_pass=not training)
         key = fingerprint(resolve_files(files), self.tokenizer, settings)
         return ArrayExamples(cached_arrays(Path(hp.cache_dir), key, lambda: self._build(files, split, key)))
 
@@ -232,11 +243,15 @@ class PretrainingDataModule(pl.LightningDataModule):
             tokenized = tokenize(documents, self.tokenizer, key, hp.word_starts, hp.num_proc)
             yield from pack_stream(tokenized_batches(tokenized), hp.max_length, self._separator(), self._cls())
             return
+        cls_id, sep_id, pad_id = self._pair_ids()
+        pairs = pair_dataset(documents, self.tokenizer, key, hp.max_length, cls_id, sep_id, hp.pair_task,
+                             hp.short_seq_prob, hp.seed, hp.num_proc)
+        yield from pair_parts(pairs, hp.max_length, pad_id, hp.pair_task)
+
+    def _pair_ids(self) -> tuple[int, int, int]:
         if self.special.cls is None or self.special.pad is None:
             raise UserError("the pairs layout needs [CLS] and [PAD] tokens (or <s> and <pad>) in the tokenizer")
-        yield build_pairs(sentence_tokens(documents, self.tokenizer, hp.num_proc), hp.max_length,
-                          self.special.cls, self._separator(), self.special.pad, hp.pair_task, hp.short_seq_prob,
-                          hp.seed)
+        return self.special.cls, self._separator(), self.special.pad
 
     def _separator(self) -> int:
         return self.special.sep if self.special.sep is not None else self.special.eos
@@ -250,9 +265,7 @@ class PretrainingDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         dataset, hp = self.datasets["train"], self.hparams
-        if isinstance(dataset, StreamingBlocks):
-            dataset.resume_batches = 0
-            dataset.batch_size = hp.batch_size
+        if isinstance(dataset, StreamingExamples):
             loader = self._loader(dataset, sampler=None, train=True)
         else:
             # Every training step the same shape (one compiled graph, no recompilation at an epoch's end): an epoch's
@@ -268,8 +281,17 @@ class PretrainingDataModule(pl.LightningDataModule):
         """Make the loader's next pass continue epoch `position["epoch"]` after its first `position["batches"]`
         batches, and count on from there."""
         self.position = dict(position)
-        if isinstance(loader.dataset, StreamingBlocks):
-            loader.dataset.resume_batches = position["batches"]
+        if isinstance(loader.dataset, StreamingExamples):
+            roles, batches = max(1, self.hparams.num_workers), position["batches"]
+            # a checkpoint of an earlier version counted batches only: each worker made every roles-th batch
+            made = position.get("readers") or [max(0, (batches - role + roles - 1) // roles) for role in range(roles)]
+            if len(made) != roles:
+                raise UserError(f"the checkpoint's streaming position is for {len(made)} dataloader worker(s), this "
+                                f"run has num_workers {self.hparams.num_workers}: resume with --data.num_workers "
+                                f"{len(made) if len(made) > 1 else 0} (each worker reads its own share)")
+            self.position["readers"] = list(made)
+            loader.dataset.epoch = position["epoch"]
+            loader.dataset.resume = (batches, [count * self.hparams.batch_size for count in made])
         else:
             loader.sampler.resume = (position["epoch"], position["batches"] * self.hparams.batch_size)
 
@@ -277,7 +299,8 @@ class PretrainingDataModule(pl.LightningDataModule):
         if "val" not in self.datasets:
             return []
         dataset = self.datasets["val"]
-        sampler = None if isinstance(dataset, StreamingBlocks) else ResumableSampler(dataset, False, self.hparams.seed)
+        sampler = None if isinstance(dataset, StreamingExamples) else ResumableSampler(dataset, False,
+                                                                                       self.hparams.seed)
         return self._loader(dataset, sampler)
 
     def _loader(self, dataset: torch.utils.data.Dataset, sampler: ResumableSampler | None, drop_last: bool = False,
@@ -292,17 +315,26 @@ class PretrainingDataModule(pl.LightningDataModule):
             collate_fn=functools.partial(collate, separate_documents=self.hparams.separate_documents),
             generator=torch.Generator().manual_seed(self.hparams.seed), drop_last=drop_last,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=workers > 0,  # also: a streaming worker's copy drops its resume skip after one pass
+            persistent_workers=workers > 0,  # a streaming worker's copy counts its epochs, drops its resume skip
         )
 
-    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
-        """Count the training batches consumed (here, not in the loader: Lightning and the workers fetch ahead)."""
+    def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """Count the training batches consumed (here, not in the loader: Lightning and the workers fetch ahead), and
+        for streaming data, which reader made each (the field is removed from every batch)."""
+        reader = batch.pop("reader", None)
         trainer = self.trainer
         if trainer is not None and trainer.training:
-            if self.position["epoch"] != trainer.current_epoch:
-                self.position = {"epoch": trainer.current_epoch, "batches": 0}
-            self.position["batches"] += 1
+            self.consumed(trainer.current_epoch, None if reader is None else int(reader[0]))
         return batch
+
+    def consumed(self, epoch: int, reader: int | None) -> None:
+        """One more training batch of `epoch` consumed (made by streaming reader role `reader`)."""
+        if self.position["epoch"] != epoch:
+            self.position = {"epoch": epoch, "batches": 0}
+        self.position["batches"] += 1
+        if reader is not None:
+            counts = self.position.setdefault("readers", [0] * max(1, self.hparams.num_workers))
+            counts[reader] += 1
 
     def load_state_dict(self, state: dict) -> None:
         """Checkpoints of earlier versions kept the data position here (now the training loader's state)."""

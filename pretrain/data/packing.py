@@ -110,9 +110,10 @@ class StreamPacker:
 
 
 def pack_stream(batches: Iterable[dict[str, np.ndarray]], max_length: int, sep_id: int,
-                cls_id: int | None) -> Iterator[dict[str, np.ndarray]]:
+                cls_id: int | None, empty_ok: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """The blocks, in order, a part at a time: (m, max_length) arrays plus `lengths` (m,), which is max_length except
-    for a shorter last block, padded with `sep_id` (its padding gets attention mask 0 in the collator)."""
+    for a shorter last block, padded with `sep_id` (its padding gets attention mask 0 in the collator). No tokens at
+    all is an error unless `empty_ok` (a streaming reader's share may be empty)."""
     packer = StreamPacker(max_length, sep_id, cls_id)
     produced = 0
     for batch in batches:
@@ -126,5 +127,5 @@ def pack_stream(batches: Iterable[dict[str, np.ndarray]], max_length: int, sep_i
         yield {name: np.pad(values, ((0, 0), (0, max_length - length)),
                             constant_values=sep_id if name == "input_ids" else 0)
                for name, values in last.items()} | {"lengths": np.array([length], dtype=np.int32)}
-    elif produced == 0:
+    elif produced == 0 and not empty_ok:
         raise UserError("the corpus is empty: it produced no tokens")

@@ -1,9 +1,11 @@
-"""Streaming examples for corpora larger than memory or disk cache: read, tokenize and pack on the fly, sharded by
-rank and by dataloader worker, with a position that can be saved and restored."""
+"""Streaming examples for corpora larger than memory or disk: read, tokenize and lay out on the fly ("stream" blocks
+or "pairs"), each document tokenized by one reader only (readers = distributed ranks x dataloader workers), shuffled
+through seeded buffers, with a position per reader that can be saved and restored."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import datasets
 import numpy as np
@@ -11,6 +13,10 @@ import torch
 from tokenizers import Tokenizer
 
 from pretrain.data.packing import pack_stream, token_columns
+from pretrain.data.pairs import SHARD_DOCUMENTS, document_sentences, padded, pairs_of_documents, shard_rng
+
+T = TypeVar("T")
+Group = tuple[int, list[str]]  # a key unique in the pass (it seeds the group's draws), the texts
 
 
 def shard(role: int | None = None) -> tuple[int, int]:
@@ -24,53 +30,126 @@ def shard(role: int | None = None) -> tuple[int, int]:
     return rank * workers + (worker_id if role is None else role), world * workers
 
 
-class StreamingBlocks(torch.utils.data.IterableDataset):
-    """The "stream" layout's blocks in the same order as the cached path, computed on the fly from `documents`
-    (a `datasets.IterableDataset` with a "text" column). Block k goes to reader k mod readers (readers = ranks x
-    dataloader workers); each reader tokenizes the whole stream and keeps its share, which keeps the order exact at
-    the price of repeated tokenization. To resume, set `resume_batches` (batches of `batch_size` this rank's loader
-    handed out) before the loader is iterated: each worker skips the blocks of the batches it made (earlier blocks
-    are re-read, not trained on); the skip applies to the next pass only."""
+def shuffled(items: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[T]:
+    """`items` in a random order drawn through a buffer of `size` items (the larger, the more thorough; memory is
+    `size` items): each new item takes the place of a random one, which is yielded."""
+    buffer: list[T] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        slot = int(rng.integers(size))
+        yield buffer[slot]
+        buffer[slot] = item
+    rng.shuffle(buffer)
+    yield from buffer
 
-    def __init__(self, documents: datasets.IterableDataset, tokenizer: Tokenizer, max_length: int, sep_id: int,
-                 cls_id: int | None,
-                 word_starts: bool = False, read_batch: int = 1000):
-        self.documents, self.tokenizer = documents, tokenizer
-        self.max_length, self.sep_id, self.cls_id = max_length, sep_id, cls_id
-        self.word_starts, self.read_batch = word_starts, read_batch
-        self.resume_batches, self.batch_size = 0, 1
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        worker = torch.utils.data.get_worker_info()
-        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        # The loader takes one batch from each worker in turn, starting with worker 0: in a resumed pass worker w
-        # plays the part of worker (w + resume_batches) mod workers of the interrupted pass, which had made the
-        # batches role, role + workers, ... of those handed out.
-        role = (worker_id + self.resume_batches) % workers
-        made = max(0, (self.resume_batches - role + workers - 1) // workers)
-        skip, self.resume_batches = made * self.batch_size, 0
-        reader, readers = shard(role)
-        return self._share(reader, readers, skip)
+class StreamLayout:
+    """The "stream" layout on the fly: each group of documents tokenized, then packed into blocks across groups (the
+    last block of a reader's pass may be shorter)."""
 
-    def _share(self, reader: int, readers: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
-        mine = (example for index, example in enumerate(self._all_blocks()) if index % readers == reader)
-        for count, example in enumerate(mine):
-            if count >= skip:
-                yield example
+    def __init__(self, tokenizer: Tokenizer, max_length: int, sep_id: int, cls_id: int | None,
+                 word_starts: bool = False):
+        self.tokenizer, self.max_length, self.sep_id, self.cls_id = tokenizer, max_length, sep_id, cls_id
+        self.word_starts = word_starts
 
-    def _all_blocks(self) -> Iterator[dict[str, np.ndarray]]:
-        for part in pack_stream(self._batches(), self.max_length, self.sep_id, self.cls_id):
-            for row in range(len(part["input_ids"])):
-                yield {name: values[row] for name, values in part.items()}
-
-    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
-        """The documents, tokenized `read_batch` at a time, as flat arrays and lengths. `iter(batch_size=...)` reads
-        every document in every reader: a `datasets.IterableDataset` iterated plainly inside a dataloader worker would
-        hand each worker only some files, and the round-robin of blocks above would then lose data."""
-        for batch in self.documents.iter(batch_size=self.read_batch):
-            yield self._tokenized(batch["text"])
+    def parts(self, groups: Iterable[Group], epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        return pack_stream((self._tokenized(texts) for _, texts in groups), self.max_length, self.sep_id,
+                           self.cls_id, empty_ok=True)
 
     def _tokenized(self, texts: list[str]) -> dict[str, np.ndarray]:
         columns = token_columns(self.tokenizer, texts, self.word_starts)
         flat = {name: np.fromiter((t for doc in docs for t in doc), dtype=np.int32) for name, docs in columns.items()}
         return flat | {"lengths": np.array([len(ids) for ids in columns["input_ids"]])}
+
+
+class PairLayout:
+    """The "pairs" layout on the fly: each group of documents is one shard of `pretrain.data.pairs` (its NSP
+    negatives come from the group), drawn anew each epoch (other cuts and negatives: BERT's dupe_factor, free)."""
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int, cls_id: int, sep_id: int, pad_id: int, task: str,
+                 short_seq_prob: float, seed: int):
+        self.tokenizer, self.max_length, self.task, self.short_seq_prob = tokenizer, max_length, task, short_seq_prob
+        self.cls_id, self.sep_id, self.pad_id, self.seed = cls_id, sep_id, pad_id, seed
+
+    def parts(self, groups: Iterable[Group], epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        for key, texts in groups:
+            rows = pairs_of_documents(document_sentences(self.tokenizer, texts), self.max_length, self.task,
+                                      self.short_seq_prob, shard_rng(self.seed, epoch, key))
+            if rows:
+                yield padded(rows, self.max_length, self.cls_id, self.sep_id, self.pad_id)
+
+
+class StreamingExamples(torch.utils.data.IterableDataset):
+    """Examples computed on the fly from `documents` (a `datasets.IterableDataset` with a "text" column) in `layout`.
+
+    Sharding: the documents are read `read_batch` at a time and batch b goes to reader b mod readers (readers =
+    ranks x dataloader workers): every reader reads the text, but each document is tokenized by exactly one reader,
+    and each example comes from exactly one. Shuffling (`shuffle_buffer` > 0): documents, then examples, pass through
+    seeded buffers of that many items; the order is a function of (seed, epoch, reader) alone, so every epoch is
+    reshuffled and a resumed pass repeats it exactly. Without shuffling, one reader's examples are those of the
+    cached path, in its order.
+
+    Epochs: `epoch` is the epoch of the next pass; every pass over a copy (a persistent worker's too) counts on,
+    unless `same_every_pass` (validation: every pass the examples of epoch 0, unshuffled).
+    Resume: set `resume` = (batches handed out in the epoch, examples each role made) before the loader is iterated:
+    the loader takes one batch from each worker in turn, starting with worker 0, so in the resumed pass worker w
+    plays the part of role (w + batches) mod workers of the interrupted pass, and skips the examples that role made
+    (they are recomputed, not trained on); the skip applies to the next pass only. Every example carries its role
+    ("reader") for the data module to count."""
+
+    def __init__(self, documents: datasets.IterableDataset, layout: StreamLayout | PairLayout,
+                 shuffle_buffer: int = 0, seed: int = 0, read_batch: int = SHARD_DOCUMENTS,
+                 same_every_pass: bool = False):
+        self.documents, self.layout = documents, layout
+        self.shuffle_buffer = 0 if same_every_pass else shuffle_buffer
+        self.seed, self.read_batch, self.same_every_pass = seed, read_batch, same_every_pass
+        self.epoch = 0
+        self.resume: tuple[int, list[int]] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        worker = torch.utils.data.get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        epoch, self.epoch = self.epoch, self.epoch + (not self.same_every_pass)
+        (offset, made), self.resume = self.resume or (0, [0] * workers), None
+        if len(made) != workers:
+            raise ValueError(f"the position has {len(made)} readers' counts, the loader {workers} workers")
+        role = (worker_id + offset) % workers
+        reader, readers = shard(role)
+        return self._from(self.examples(reader, readers, epoch), made[role], role)
+
+    @staticmethod
+    def _from(examples: Iterator[dict[str, np.ndarray]], skip: int, role: int) -> Iterator[dict[str, np.ndarray]]:
+        for count, example in enumerate(examples):
+            if count >= skip:
+                yield example | {"reader": np.int64(role)}
+
+    def examples(self, reader: int, readers: int, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        """Reader `reader`'s examples (of `readers`) in epoch `epoch`."""
+        rows = (({name: values[row] for name, values in part.items()})
+                for part in self.layout.parts(self._groups(reader, readers, epoch), epoch)
+                for row in range(len(part["input_ids"])))
+        if self.shuffle_buffer:
+            rows = shuffled(rows, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, reader, 1]))
+        return rows
+
+    def _groups(self, reader: int, readers: int, epoch: int) -> Iterator[Group]:
+        """This reader's documents in groups of `read_batch`: the read batches b with b mod readers == reader, keyed
+        by their first document's index; shuffled, groups of the buffer's output, keyed by reader and count."""
+        mine = ((b, batch["text"]) for b, batch in enumerate(self.documents.iter(batch_size=self.read_batch))
+                if b % readers == reader)
+        if not self.shuffle_buffer:
+            yield from ((b * self.read_batch, texts) for b, texts in mine)
+            return
+        texts = shuffled((text for _, batch in mine for text in batch), self.shuffle_buffer,
+                         np.random.default_rng([self.seed, epoch, reader, 0]))
+        group: list[str] = []
+        count = 0
+        for text in texts:
+            group.append(text)
+            if len(group) == self.read_batch:
+                yield count * readers + reader, group
+                group, count = [], count + 1
+        if group:
+            yield count * readers + reader, group

@@ -75,6 +75,32 @@ def test_tiny_recipe_fits_and_writes_a_checkpoint(recipe, tmp_path):
     check_exports(checkpoints[0], tmp_path)
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["cached", "streaming"])
+@pytest.mark.parametrize("recipe", ["bert-base", "albert-base"])
+def test_pair_recipes_fit_on_a_directory_of_many_files(recipe, streaming, tmp_path):
+    """The BERT and ALBERT recipes (tiny sizes) on a corpus directory of 12 files, cached or streamed by two
+    workers."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    paragraphs = BUNDLED_CORPUS.read_text().split("\n\n")[:1200]
+    for part in range(12):
+        (corpus / f"part-{part:02d}.txt").write_text("\n\n".join(paragraphs[part::12]))
+    backbone = "{vocab_size: 400, hidden_size: 32, num_layers: 2, num_heads: 2, intermediate_size: 64" + (
+        ", embedding_size: 16, sharing: all}" if recipe == "albert-base" else "}")
+    arguments = [*overrides(tmp_path, CONFIGS / f"{recipe}.yaml"), "--data.files", f"[{corpus}]",
+                 "--model.backbone", backbone, "--model.compile", "false", "--trainer.precision", "32-true",
+                 "--data.max_length", "32", "--data.batch_size", "8", "--data.streaming", str(streaming).lower(),
+                 "--data.num_workers", "2" if streaming else "0", "--trainer.max_steps", "4",
+                 "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2", "--model.warmup_steps", "1",
+                 "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1"]
+    assert main(["fit", "-c", str(CONFIGS / f"{recipe}.yaml"), *arguments]) == 0
+    rows = list(csv.DictReader((tmp_path / "runs" / "logs" / "version_0" / "metrics.csv").open()))
+    assert max(int(row["step"]) for row in rows) == 3 and any(row.get("val/loss") for row in rows)
+    objective = "nsp" if recipe == "bert-base" else "sop"
+    losses = [float(row[f"train/{objective}_loss"]) for row in rows if row.get(f"train/{objective}_loss")]
+    assert len(losses) == 4 and all(loss > 0 for loss in losses)
+
+
 HF_OUTPUTS = {"mlm": "prediction_logits", "nsp": "seq_relationship_logits", "sop": "sop_logits", "rtd": "logits",
               "clm": "logits"}
 

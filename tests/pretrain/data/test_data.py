@@ -1,8 +1,10 @@
 """Tokenizers, corpus reading, packing, pairs, the cache, streaming and the data module."""
 
+import copy
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from pretrain.data.cache import fingerprint
 from pretrain.data.corpus import load_corpus
 from pretrain.data.datamodule import PretrainingDataModule, collate, in_validation
 from pretrain.data.packing import pack_stream
-from pretrain.data.pairs import build_pairs
+from pretrain.data.pairs import build_pairs, split_sentences
 from pretrain.data.tokenizer import check_vocabulary, load_tokenizer, special_ids, train_tokenizer
 from pretrain.errors import UserError
 from pretrain.sample import BUNDLED_CORPUS as SHAKESPEARE
@@ -335,17 +337,21 @@ def test_interrupted_cache_is_not_trusted(tmp_path, tokenizer_path):
     assert cached_arrays(tmp_path, "half", lambda: [{"x": np.arange(2)}])["x"].tolist() == [0, 1]
 
 
-def test_streaming_matches_the_cached_path_and_resumes(tmp_path, tokenizer_path):
+@pytest.mark.parametrize("layout", ["stream", "pairs"])
+def test_one_unshuffled_streaming_reader_gives_the_cached_examples(layout, tmp_path, tokenizer_path):
     corpus = write_documents(tmp_path / "corpus.txt", [f"story {i}: " + "the cat sat on the mat. " * (i % 7 + 1)
                                                        for i in range(120)])
-    cached = module(corpus, tokenizer_path, tmp_path, word_starts=True)
-    streamed = module(corpus, tokenizer_path, tmp_path, word_starts=True, streaming=True)
+    options = dict(word_starts=True) if layout == "stream" else dict(layout="pairs")
+    cached = module(corpus, tokenizer_path, tmp_path, **options)
+    streamed = module(corpus, tokenizer_path, tmp_path, streaming=True, shuffle_buffer=0, **options)
     cached.setup()
     streamed.setup()
     examples = list(streamed.datasets["train"])
     assert len(examples) == len(cached.datasets["train"]) > 10
+    names = ("input_ids", "document_ids", "word_starts", "lengths") if layout == "stream" else (
+        "input_ids", "token_type_ids", "lengths", "labels")
     for streamed_example, index in zip(examples, range(len(examples)), strict=True):
-        for name in ("input_ids", "document_ids", "word_starts", "lengths"):
+        for name in names:
             assert np.array_equal(streamed_example[name], cached.datasets["train"][index][name]), name
 
 
@@ -354,22 +360,30 @@ def loader_batches(loader) -> list[list[list[int]]]:
 
 
 @pytest.mark.parametrize("streaming, workers, legacy", [(False, 0, False), (True, 0, False), (True, 2, False),
-                                                       (False, 0, True)])
+                                                       (False, 0, True), (True, 2, True)])
 def test_a_resumed_loader_continues_the_epoch_where_it_stopped(streaming, workers, legacy, tmp_path, tokenizer_path):
     """The training loader's state (Lightning's state_dict protocol: no "not resumable" warning) is the position;
     loading it (or, from a checkpoint of an earlier version, the DataModule's) continues the epoch."""
     corpus = write_documents(tmp_path / "corpus.txt", [f"story {i}: " + "the cat sat on the mat. " * (i % 7 + 1)
                                                        for i in range(120)])
-    straight = module(corpus, tokenizer_path, tmp_path, streaming=streaming, num_workers=workers)
+    straight = module(corpus, tokenizer_path, tmp_path, streaming=streaming, num_workers=workers, shuffle_buffer=8)
     straight.setup()
     loader = straight.train_dataloader()
+    loader.dataset.read_batch = 10  # documents read at a time, each batch to one worker: both have some
+    straight.start_at(loader, {"epoch": 3, "batches": 0})  # epoch 3 from its start
     if not streaming:
         loader.sampler.set_epoch(3)
-    every = loader_batches(loader)
-    resumed = module(corpus, tokenizer_path, tmp_path, streaming=streaming, num_workers=workers)
+    every = []
+    for batch in loader:  # the data module counts what a training loop consumed
+        straight.consumed(3, int(batch["reader"][0]) if streaming else None)
+        every.append(batch["input_ids"].tolist())
+        if len(every) == 5:
+            position = copy.deepcopy(straight.position)  # what a checkpoint after 5 batches of epoch 3 holds
+    resumed = module(corpus, tokenizer_path, tmp_path, streaming=streaming, num_workers=workers, shuffle_buffer=8)
     resumed.setup()
-    position = {"epoch": 3, "batches": 5}  # what a checkpoint after 5 batches of epoch 3 holds
-    if legacy:
+    resumed.datasets["train"].read_batch = 10
+    if legacy:  # a checkpoint of an earlier version: the data module's state, no readers' counts
+        position.pop("readers", None)
         resumed.load_state_dict(position)
         loader = resumed.train_dataloader()
     else:
@@ -377,14 +391,17 @@ def test_a_resumed_loader_continues_the_epoch_where_it_stopped(streaming, worker
         assert isinstance(loader, _Stateful) and loader.state_dict() == {"epoch": 0, "batches": 0}
         loader.load_state_dict(position)
         assert loader.state_dict() == position
+    if streaming:  # the workers took turns (the legacy position is derived from that)
+        assert resumed.position["readers"] == ([3, 2] if workers == 2 else [5])
     if not streaming:
         loader.sampler.set_epoch(3)
     assert len(every) > 8 and loader_batches(loader) == every[5:]
     if not streaming:  # the next epoch is whole, and shuffled differently
         loader.sampler.set_epoch(4)
-        assert len(loader_batches(loader)) == len(every) and loader_batches(loader) != every
-    else:
-        assert loader_batches(loader) == every
+    following = loader_batches(loader)
+    assert following != every and len(following) == len(every)
+    if streaming:  # the same tokens, in other blocks
+        assert Counter(t for b in following for r in b for t in r) == Counter(t for b in every for r in b for t in r)
 
 
 def test_datamodule_batches_for_each_layout(tmp_path, tokenizer_path):
@@ -457,8 +474,8 @@ def test_collate_masks_the_padding_of_a_short_last_block():
 
 
 def test_settings_that_cannot_work_together_are_refused(tokenizer_path):
-    with pytest.raises(UserError, match="streaming supports the 'stream' layout only"):
-        PretrainingDataModule(["x"], str(tokenizer_path), layout="pairs", streaming=True)
+    with pytest.raises(UserError, match="shuffle_buffer must be at least 0"):
+        PretrainingDataModule(["x"], str(tokenizer_path), streaming=True, shuffle_buffer=-1)
     with pytest.raises(UserError, match="word_starts"):
         PretrainingDataModule(["x"], str(tokenizer_path), layout="pairs", word_starts=True)
     with pytest.raises(UserError, match="tokenizer not found"):
@@ -475,20 +492,61 @@ def test_empty_documents_are_skipped_by_the_packer(tmp_path, tokenizer_path):
         module(empty, tokenizer_path, tmp_path, validation_fraction=0.0).setup()
 
 
-def test_streaming_shards_across_workers_without_loss_or_repeat(tmp_path, tokenizer_path):
-    corpus = write_documents(tmp_path / "corpus.txt", [f"tale {i}: " + "a horse, a horse. " * (i % 5 + 1)
-                                                       for i in range(60)])
-    data = module(corpus, tokenizer_path, tmp_path, streaming=True, validation_fraction=0.0)
-    data.setup()
-    alone = [tuple(example["input_ids"].tolist()) for example in data.datasets["train"]]
-    loader = torch.utils.data.DataLoader(data.datasets["train"], batch_size=None, num_workers=2)
-    sharded = [tuple(example["input_ids"].tolist()) for example in loader]
-    assert sorted(sharded) == sorted(alone) and len(alone) > 4
+class CountingTokenizer:
+    """A tokenizer that records every text it encodes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.texts = tokenizer, []
+
+    def encode_batch(self, texts, **kwargs):
+        self.texts += texts
+        return self.tokenizer.encode_batch(texts, **kwargs)
 
 
-def test_a_complete_streaming_pass_starts_the_next_from_the_beginning(tmp_path, tokenizer_path):
-    corpus = write_documents(tmp_path / "corpus.txt", [f"line {i} of verse." for i in range(40)])
-    data = module(corpus, tokenizer_path, tmp_path, streaming=True, validation_fraction=0.0)
+def tokens_of(examples, drop: set[int]) -> Counter:
+    """The tokens of examples (up to their length), special ones dropped: what a pass trains on."""
+    return Counter(t for e in examples for t in e["input_ids"][:e["lengths"]].tolist() if t not in drop)
+
+
+@pytest.mark.parametrize("layout", ["stream", "pairs"])
+def test_streaming_readers_tokenize_each_document_once_and_yield_it_once(layout, tmp_path, tokenizer_path):
+    """Ranks x workers = 4 readers, the documents read in batches of 7: each document (each sentence, for pairs)
+    is encoded by one reader only; together the readers' examples hold every token of the corpus once (stream; pairs
+    hold every document's tokens, plus the other documents' sentences NSP draws)."""
+    texts = [f"tale {i}: " + "a horse, a horse. My kingdom for it. " * (i % 5 + 1) for i in range(61)]
+    corpus = write_documents(tmp_path / "corpus.txt", texts)
+    data = module(corpus, tokenizer_path, tmp_path, streaming=True, validation_fraction=0.0, layout=layout,
+                  pair_task="sop", max_length=512)  # long enough that no pair is truncated
     data.setup()
-    first = [example["input_ids"].tolist() for example in data.datasets["train"]]
-    assert [example["input_ids"].tolist() for example in data.datasets["train"]] == first
+    dataset = data.datasets["train"]
+    dataset.read_batch, counting = 7, CountingTokenizer(data.tokenizer)
+    dataset.layout.tokenizer = counting
+    special = set(data.special.all())
+    shares = [list(dataset.examples(reader, 4, epoch=0)) for reader in range(4)]
+    units = [text.strip() for text in texts] if layout == "stream" else [
+        s for text in texts for s in split_sentences(text)]
+    assert sorted(counting.texts) == sorted(units) and all(shares)
+    whole = Counter(t for unit in units for t in data.tokenizer.encode(unit, add_special_tokens=False).ids
+                    if t not in special)
+    assert tokens_of([e for share in shares for e in share], special) == whole  # SOP: no token lost or repeated
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+    assert tokens_of(list(loader), special) == whole  # two real workers
+
+
+def test_streaming_reshuffles_every_epoch_under_its_seed(tmp_path, tokenizer_path):
+    corpus = write_documents(tmp_path / "corpus.txt", [f"line {i} of verse." for i in range(300)])
+
+    def passes(seed, buffer):
+        data = module(corpus, tokenizer_path, tmp_path, streaming=True, validation_fraction=0.0, seed=seed,
+                      shuffle_buffer=buffer)
+        data.setup()
+        dataset = data.datasets["train"]
+        dataset.read_batch = 20
+        return [[tuple(e["input_ids"].tolist()) for e in dataset] for _ in range(2)]  # epochs 0 and 1
+
+    first, second = passes(0, 50)
+    assert first != second and sorted(first) != sorted(second)  # documents packed in another order: other blocks
+    assert passes(0, 50) == [first, second] and passes(1, 50)[0] != first
+    assert Counter(t for row in first for t in row) == Counter(t for row in second for t in row)
+    plain = passes(0, 0)
+    assert plain[0] == plain[1]  # no buffer: corpus order, every pass
