@@ -59,3 +59,20 @@ def test_the_objectives_comparison_runs_end_to_end_on_a_tiny_budget(tmp_path):
         if "pretrain" in entry:
             assert entry["pretrain"]["steps"] > 0 and entry["pretrain"]["tokens"] > 0
     assert (tmp_path / "objectives_compared.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "imdb").is_dir(),
+                    reason="needs ../shared/data (present on CI)")
+def test_the_data_pipeline_benchmark_measures_each_case(tmp_path):
+    """A sliver of one copy of IMDB through three of the six cases: tokens, time and the process tree's memory."""
+    cases = ["stream/hf", "stream/cached", "pairs/streaming"]
+    process = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_pipeline.py"), "--scale", "0.003",
+                              "--vocab-size", "500", "--cases", *cases, "--out", str(tmp_path)],
+                             capture_output=True, text=True, cwd=tmp_path)
+    assert process.returncode == 0, process.stderr[-2000:]
+    rows = json.loads((tmp_path / "data_pipeline.json").read_text())["rows"]
+    assert [row["case"] for row in rows] == cases
+    for row in rows:
+        assert row["tokens"] > 10_000 and row["seconds"] > 0 and 0.05 < row["peak_memory_gb"] < 4
+        assert row["peak_with_mapped_files_gb"] >= row["peak_memory_gb"]
+    assert re.search(r"stream/cached +[\d.]+ +[\d.]+ +[\d,]+ +[\d.]+x", process.stdout), process.stdout

@@ -52,21 +52,25 @@ def pairs_of_documents(documents: list[list[list[int]]], max_length: int, task: 
     """BERT's create_pretraining_data on one shard: sentences of one document accumulate up to a target length
     (shorter with `short_seq_prob`), A is a random prefix of them, B the rest. For NSP, half of the B are replaced by
     sentences of another document of the shard (label NOT_NEXT; a shard of one document has no other, and keeps its
-    B). A chunk of a single sentence is cut inside the sentence, so the 50/50 draw is never forced (BERT forces a
-    random B there, which skews the labels). For SOP, A and B are always consecutive (the objective swaps them).
+    B), and the B not used goes back to the document, to start the next chunk (as in BERT). A chunk of a single
+    sentence is cut inside the sentence, so the 50/50 draw is never forced (BERT forces a random B there, which skews
+    the labels). For SOP, A and B are always consecutive (the objective swaps them).
     Each pair is truncated to fit max_length with [CLS] and two [SEP]s."""
     max_tokens = max_length - 3
     rows: list[Pair] = []
     for index, document in enumerate(documents):
         target = rng.randint(2, max_tokens) if rng.random() < short_seq_prob else max_tokens
-        chunk, length = [], 0
-        for i, sentence in enumerate(document):
-            chunk.append(sentence)
-            length += len(sentence)
+        chunk, length, i = [], 0, 0
+        while i < len(document):
+            chunk.append(document[i])
+            length += len(document[i])
             if i == len(document) - 1 or length >= target:
-                rows.extend(_pair_from_chunk(chunk, documents, index, target, task, rng))
+                pairs, unused = _pair_from_chunk(chunk, documents, index, target, task, rng)
+                rows.extend(pairs)
+                i -= unused  # at least A's first sentence was used: the loop advances
                 target = rng.randint(2, max_tokens) if rng.random() < short_seq_prob else max_tokens
                 chunk, length = [], 0
+            i += 1
     for a, b, _ in rows:
         _truncate_pair(a, b, max_tokens, rng)
     return rows
@@ -145,11 +149,13 @@ def pair_parts(pairs: datasets.Dataset, max_length: int, pad_id: int, task: str,
         raise UserError("next sentence prediction needs at least two documents in the corpus")
 
 
-def _pair_from_chunk(chunk, documents, index, target, task, rng) -> list[Pair]:
-    if len(chunk) == 1:
+def _pair_from_chunk(chunk, documents, index, target, task, rng) -> tuple[list[Pair], int]:
+    """The chunk's pair, and how many of its sentences were not used (a random B leaves the chunk's own B)."""
+    whole = len(chunk) > 1
+    if not whole:
         tokens = chunk[0]
         if len(tokens) < 2:
-            return []
+            return [], 0
         cut = rng.randint(1, len(tokens) - 1)
         chunk = [tokens[:cut], tokens[cut:]]
     a_end = rng.randint(1, len(chunk) - 1)
@@ -164,8 +170,8 @@ def _pair_from_chunk(chunk, documents, index, target, task, rng) -> list[Pair]:
             b.extend(sentence)
             if len(b) >= max(1, target - len(a)):
                 break
-        return [(a, b, NOT_NEXT)]
-    return [(a, [t for sentence in chunk[a_end:] for t in sentence], IS_NEXT)]
+        return [(a, b, NOT_NEXT)], len(chunk) - a_end if whole else 0
+    return [(a, [t for sentence in chunk[a_end:] for t in sentence], IS_NEXT)], 0
 
 
 def _truncate_pair(a: list[int], b: list[int], max_tokens: int, rng: random.Random) -> None:

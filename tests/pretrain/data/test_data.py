@@ -266,7 +266,7 @@ def test_pairs_follow_the_rules():
     documents = [[[d * 1000 + s * 10 + p for p in range(rng.integers(2, 9))] for s in range(rng.integers(1, 15))]
                  for d in range(1, 5000)]
     pairs = build_pairs(documents, 24, cls_id=1, sep_id=2, pad_id=0, task="nsp", seed=0)
-    labels = pairs["labels"]
+    labels, used = pairs["labels"], set()
     assert len(labels) >= 10_000 and abs(labels.mean() - 0.5) < 0.02
     assert (pairs["lengths"] <= 24).all() and pairs["input_ids"].shape[1] == 24
     for ids, types, length, label in zip(pairs["input_ids"], pairs["token_type_ids"], pairs["lengths"], labels,
@@ -278,6 +278,9 @@ def test_pairs_follow_the_rules():
         a_documents, b_documents = set(a // 1000), set(b // 1000)
         assert len(a_documents) == 1 and len(b_documents) == 1
         assert (a_documents == b_documents) == (label == 0)
+        used.update((a // 10).tolist() + ((b // 10).tolist() if label == 0 else []))
+    sentences = sum(len(document) for document in documents)
+    assert len(used) / sentences > 0.97  # a B replaced by another document's goes back to its own (BERT's rule)
 
 
 def test_sop_pairs_are_consecutive():
