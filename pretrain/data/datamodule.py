@@ -16,6 +16,7 @@ from objectives.base import Batch, Layout
 from pretrain.data.cache import cached_arrays, file_lock, fingerprint
 from pretrain.data.corpus import DocumentsBy, load_corpus, resolve_files
 from pretrain.data.packing import pack_stream, tokenize, tokenized_batches
+from pretrain.data.pairs import VERSION as PAIRS_VERSION
 from pretrain.data.pairs import pair_dataset, pair_parts
 from pretrain.data.streaming import PairLayout, StreamingExamples, StreamLayout
 from pretrain.data.tokenizer import TokenizerKind, load_tokenizer, size_note, special_ids, train_tokenizer_on_files
@@ -196,6 +197,8 @@ class PretrainingDataModule(pl.LightningDataModule):
         settings = {k: hp[k] for k in ("layout", "max_length", "pair_task", "cls_first", "word_starts",
                                        "short_seq_prob", "validation_fraction", "text_field", "documents_by",
                                        "clean", "seed")} | {"split": split}
+        if hp.layout == "pairs":
+            settings["pairs_version"] = PAIRS_VERSION
         if hp.streaming:
             if hp.layout == "stream":
                 layout = StreamLayout(self.tokenizer, hp.max_length, self._separator(), self._cls(), hp.word_starts)

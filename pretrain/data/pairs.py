@@ -23,6 +23,7 @@ from pretrain.errors import UserError
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 SHARD_DOCUMENTS = 1000
+VERSION = 2  # part of the examples cache's key: pairs cached under earlier rules are built anew
 Pair = tuple[list[int], list[int], int]  # A's tokens, B's tokens, the NSP label
 
 
