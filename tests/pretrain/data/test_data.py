@@ -421,6 +421,27 @@ def test_datamodule_batches_for_each_layout(tmp_path, tokenizer_path):
     assert len(pairs.val_dataloader()) > 0
 
 
+def test_cached_pairs_are_built_by_shards_in_several_processes(tmp_path, tokenizer_path):
+    """2,500 documents in shards of 1,000 over two processes: well-formed pairs, half of them NSP negatives, the same
+    on a second build (the draws are keyed by shard, not by process or timing)."""
+    texts = [f"Story {i} begins here. It goes on a while. Then it ends." for i in range(2500)]
+    corpus = write_documents(tmp_path / "corpus.txt", texts)
+
+    def pairs(cache):
+        data = module(corpus, tokenizer_path, tmp_path, layout="pairs", num_proc=2, validation_fraction=0.0,
+                      cache_dir=str(tmp_path / cache))
+        data.setup()
+        return data.datasets["train"].arrays, data.special
+
+    arrays, special = pairs("first")
+    lengths, ids = arrays["lengths"], arrays["input_ids"]
+    assert len(lengths) > 2500 and abs(arrays["labels"].mean() - 0.5) < 0.05
+    assert (ids[:, 0] == special.cls).all() and ((ids == special.sep).sum(1) == 2).all()
+    assert (ids[np.arange(len(ids)), lengths - 1] == special.sep).all()
+    again, _ = pairs("second")
+    assert all(np.array_equal(arrays[name], again[name]) for name in arrays)
+
+
 def test_training_batches_all_have_one_shape_and_validation_keeps_every_example(tmp_path, tokenizer_path):
     """An epoch's last partial training batch is dropped (a compiled step sees one shape); validation is whole."""
     corpus = write_documents(tmp_path / "corpus.txt", [f"Sentence one of {i}. Sentence two here. And a third one."
