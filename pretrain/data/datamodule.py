@@ -269,6 +269,7 @@ class PretrainingDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         dataset, hp = self.datasets["train"], self.hparams
         if isinstance(dataset, StreamingExamples):
+            dataset.endless = self.trainer is not None and self.trainer.world_size > 1
             loader = self._loader(dataset, sampler=None, train=True)
         else:
             # Every training step the same shape (one compiled graph, no recompilation at an epoch's end): an epoch's

@@ -92,7 +92,9 @@ class StreamingExamples(torch.utils.data.IterableDataset):
     cached path, in its order.
 
     Epochs: `epoch` is the epoch of the next pass; every pass over a copy (a persistent worker's too) counts on,
-    unless `same_every_pass` (validation: every pass the examples of epoch 0, unshuffled).
+    unless `same_every_pass` (validation: every pass the examples of epoch 0, unshuffled). With `endless` (set for
+    several ranks, whose shares differ in length: a rank that ended its epoch early would wait for the others
+    forever) one iteration runs the passes back to back, epoch after epoch, and the run ends at its max_steps.
     Resume: set `resume` = (batches handed out in the epoch, examples each role made) before the loader is iterated:
     the loader takes one batch from each worker in turn, starting with worker 0, so in the resumed pass worker w
     plays the part of role (w + batches) mod workers of the interrupted pass, and skips the examples that role made
@@ -105,7 +107,7 @@ class StreamingExamples(torch.utils.data.IterableDataset):
         self.documents, self.layout = documents, layout
         self.shuffle_buffer = 0 if same_every_pass else shuffle_buffer
         self.seed, self.read_batch, self.same_every_pass = seed, read_batch, same_every_pass
-        self.epoch = 0
+        self.epoch, self.endless = 0, False
         self.resume: tuple[int, list[int]] | None = None
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -117,7 +119,17 @@ class StreamingExamples(torch.utils.data.IterableDataset):
             raise ValueError(f"the position has {len(made)} readers' counts, the loader {workers} workers")
         role = (worker_id + offset) % workers
         reader, readers = shard(role)
-        return self._from(self.examples(reader, readers, epoch), made[role], role)
+        return self._from(self._passes(reader, readers, epoch), made[role], role)
+
+    def _passes(self, reader: int, readers: int, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        while True:
+            empty = True
+            for example in self.examples(reader, readers, epoch):
+                empty = False
+                yield example
+            if not self.endless or empty:  # (a reader with nothing to read ends)
+                return
+            epoch += 1
 
     @staticmethod
     def _from(examples: Iterator[dict[str, np.ndarray]], skip: int, role: int) -> Iterator[dict[str, np.ndarray]]:

@@ -557,6 +557,22 @@ def test_streaming_readers_tokenize_each_document_once_and_yield_it_once(layout,
     assert tokens_of(list(loader), special) == whole  # two real workers
 
 
+def test_endless_streaming_runs_the_epochs_back_to_back_and_resumes_across_them(tmp_path, tokenizer_path):
+    """Several ranks stream endlessly (their shares differ in length; none may end an epoch alone): one iteration
+    holds epoch 0 then epoch 1 ..., and a resume skips across the boundary."""
+    corpus = write_documents(tmp_path / "corpus.txt", [f"line {i} of verse, and more." for i in range(60)])
+    data = module(corpus, tokenizer_path, tmp_path, streaming=True, validation_fraction=0.0, shuffle_buffer=16)
+    data.setup()
+    dataset = data.datasets["train"]
+    epochs = [[e["input_ids"].tolist() for e in dataset] for _ in range(3)]  # three plain passes: epochs 0, 1, 2
+    dataset.epoch, dataset.endless = 0, True
+    endless = iter(dataset)
+    together = [next(endless)["input_ids"].tolist() for _ in range(sum(map(len, epochs)))]
+    assert together == epochs[0] + epochs[1] + epochs[2]
+    dataset.epoch, dataset.resume = 0, (0, [len(epochs[0]) + 2])  # a position 2 examples into epoch 1
+    assert next(iter(dataset))["input_ids"].tolist() == epochs[1][2]
+
+
 def test_streaming_reshuffles_every_epoch_under_its_seed(tmp_path, tokenizer_path):
     corpus = write_documents(tmp_path / "corpus.txt", [f"line {i} of verse." for i in range(300)])
 
