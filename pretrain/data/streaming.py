@@ -154,7 +154,7 @@ class StreamingExamples(torch.utils.data.IterableDataset):
         if not self.shuffle_buffer:
             yield from ((b * self.read_batch, texts) for b, texts in mine)
             return
-        texts = shuffled((text for _, batch in mine for text in batch), self.shuffle_buffer,
+        texts = shuffled((text for _, read in mine for text in read), self.shuffle_buffer,
                          np.random.default_rng([self.seed, epoch, reader, 0]))
         group: list[str] = []
         count = 0
