@@ -60,7 +60,8 @@ def prepare_tasks(out: Path, train_rows: int, test_rows: int, sst2_rows: int) ->
     return tasks
 
 
-def recipe(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_minutes: float, run: Path) -> dict:
+def recipe(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_minutes: float, run: Path,
+           learning_rate: float = 5e-4, precision: str | None = None) -> dict:
     """The arm's `pretrain fit` recipe: one backbone size for all (ALBERT factorizes and shares it)."""
     causal = arm == "gpt"
     backbone = dict(sizes, type_vocab_size=0 if causal else 2, causal=causal, norm_position="pre" if causal else "post")
@@ -74,7 +75,7 @@ def recipe(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_minutes:
         entries[0]["init_args"] = {"whole_word": True}
     seconds = int(budget_minutes * 60)
     return {
-        "model": {"backbone": backbone, "objectives": entries, "learning_rate": 5e-4, "warmup_steps": 100,
+        "model": {"backbone": backbone, "objectives": entries, "learning_rate": learning_rate, "warmup_steps": 100,
                   "total_steps": 100_000},  # a budget in time, not steps: the schedule is warm-up then ~flat
         "data": {"files": [str(corpus)], "clean": True, "tokenizer": str(tokenizer),
                  "layout": "pairs" if arm in ("bert", "albert") else "stream",
@@ -83,21 +84,42 @@ def recipe(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_minutes:
         "trainer": {"max_steps": 100_000, "max_time": f"00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:"
                                                        f"{seconds % 60:02d}",
                     "log_every_n_steps": 10, "val_check_interval": 100_000, "limit_val_batches": 0,
-                    "enable_progress_bar": False, "default_root_dir": str(run)},
+                    "enable_progress_bar": False, "default_root_dir": str(run)}
+        | ({"precision": precision} if precision else {}),
     }
 
 
-def pretrain_arm(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_minutes: float, out: Path) -> dict:
-    """Pretrain once (cached: a finished arm is read back); steps, tokens, seconds, final training loss."""
+def flops_per_token(recipe_path: Path) -> float:
+    """The training FLOPs per token of the recipe's model (6 N + attention; ELECTRA's generator included)."""
+    import objectives
+    from models import TransformerConfig
+    from pretrain.training.module import PretrainingModule
+    from pretrain.training.speed import model_flops_per_token
+
+    settings = yaml.safe_load(recipe_path.read_text())
+    model = settings["model"]
+    parts = [getattr(objectives, entry["class_path"].split(".")[-1])(**entry.get("init_args", {}))
+             for entry in model["objectives"]]
+    module = PretrainingModule(TransformerConfig(**model["backbone"]), parts, tokenizer=settings["data"]["tokenizer"])
+    return model_flops_per_token(module, 128)
+
+
+def pretrain_arm(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_minutes: float, out: Path,
+                 **settings) -> dict:
+    """Pretrain once (cached: a finished arm is read back); steps, tokens, seconds, final training loss, FLOPs."""
     from pretrain.cli import main
 
     run = out / "pretrain" / arm
     summary_path = run / "summary.json"
-    if summary_path.is_file():
-        return json.loads(summary_path.read_text())
     recipe_path = out / "recipes" / f"{arm}.yaml"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        if "flops" not in summary:  # a run cached before FLOPs were counted
+            summary["flops"] = float(f"{summary['tokens'] * flops_per_token(recipe_path):.3g}")
+            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
     recipe_path.parent.mkdir(parents=True, exist_ok=True)
-    recipe_path.write_text(yaml.safe_dump(recipe(arm, sizes, tokenizer, corpus, budget_minutes, run)))
+    recipe_path.write_text(yaml.safe_dump(recipe(arm, sizes, tokenizer, corpus, budget_minutes, run, **settings)))
     if main(["fit", "-c", str(recipe_path)]) != 0:
         raise SystemExit(f"pretraining {arm} failed (recipe: {recipe_path})")
     rows = [row for row in csv.DictReader((run / "logs" / "version_0" / "metrics.csv").open())]
@@ -106,7 +128,8 @@ def pretrain_arm(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_mi
     steps = int(max(int(r["step"]) for r in rows)) + 1
     tokens = steps * 32 * 128
     summary = {"steps": steps, "tokens": tokens, "seconds": round(tokens / statistics.median(timing), 1) if timing
-               else None, "final_loss": losses[-1][1] if losses else None}
+               else None, "final_loss": losses[-1][1] if losses else None,
+               "flops": float(f"{tokens * flops_per_token(recipe_path):.3g}")}
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -156,6 +179,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-minutes", type=float, default=8.0, help="pretraining wall-clock per arm")
     parser.add_argument("--out", type=Path, default=Path("runs/objectives_compared"))
+    parser.add_argument("--learning-rate", type=float, default=5e-4, help="pretraining's peak, every arm")
+    parser.add_argument("--precision", help="pretraining's, e.g. bf16-mixed on a GPU (default: the trainer's, 32)")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and data: checks the script in minutes")
     parser.add_argument("--arms", nargs="+", choices=(*ARMS, *SCRATCH), default=(*ARMS, *SCRATCH),
@@ -189,7 +214,9 @@ def main() -> None:
     print(f"every arm: {sizes}; {budget} min of pretraining; seeds {seeds}", flush=True)
     # a baseline takes its architecture and tokenizer from its arm's checkpoint: that arm is pretrained too
     needed = {SCRATCH.get(arm, arm) for arm in args.arms}
-    pretrained = {arm: pretrain_arm(arm, sizes, tokenizer, corpus, budget, out) for arm in ARMS if arm in needed}
+    pretrained = {arm: pretrain_arm(arm, sizes, tokenizer, corpus, budget, out, learning_rate=args.learning_rate,
+                                    precision=args.precision)
+                  for arm in ARMS if arm in needed}
     for arm in args.arms:
         source = SCRATCH.get(arm, arm)
         checkpoint = out / "pretrain" / source / "checkpoints" / "last.ckpt"
@@ -206,14 +233,16 @@ def main() -> None:
         target = Path(__file__).resolve().parent / "results" / "objectives_compared.json"
         target.parent.mkdir(exist_ok=True)
         target.write_text(json.dumps(results, indent=2) + "\n")
+        chart(results, target.with_suffix(".png"))
     chart(results, out / "objectives_compared.png")
-    print(f"{'arm':<16}{'steps':>7}{'tokens':>12}{'seconds':>9}{'loss':>7}   {'IMDB-1k med [min, max]':<24}"
-          f"{'SST-2-5k med [min, max]':<24}")
+    print(f"{'arm':<16}{'steps':>7}{'tokens':>12}{'TFLOP':>7}{'seconds':>9}{'loss':>7}   "
+          f"{'IMDB-1k med [min, max]':<24}{'SST-2-5k med [min, max]':<24}")
     for arm, entry in results["arms"].items():
         p = entry.get("pretrain", {})
         cells = "".join(f"{e['median']:6.2f} [{e['min']:.2f}, {e['max']:.2f}]".ljust(24)
                         for e in (entry["imdb_1k"], entry["sst2_5k"]))
-        print(f"{arm:<16}{p.get('steps', '-'):>7}{p.get('tokens', '-'):>12}{p.get('seconds') or '-':>9}"
+        flops = f"{p['flops'] / 1e12:.0f}" if "flops" in p else "-"
+        print(f"{arm:<16}{p.get('steps', '-'):>7}{p.get('tokens', '-'):>12}{flops:>7}{p.get('seconds') or '-':>9}"
               f"{p.get('final_loss') or float('nan'):7.2f}   {cells}")
     print(f"written: {out / 'objectives_compared.json'}, {out / 'objectives_compared.png'}")
 
