@@ -89,8 +89,9 @@ def recipe(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_minutes:
     }
 
 
-def flops_per_token(recipe_path: Path) -> float:
-    """The training FLOPs per token of the recipe's model (6 N + attention; ELECTRA's generator included)."""
+def training_flops(recipe_path: Path, tokens: int) -> float:
+    """`tokens` x the training FLOPs per token of the recipe's model (6 N + attention; ELECTRA's generator
+    included), to 3 significant digits."""
     import objectives
     from models import TransformerConfig
     from pretrain.training.module import PretrainingModule
@@ -101,7 +102,7 @@ def flops_per_token(recipe_path: Path) -> float:
     parts = [getattr(objectives, entry["class_path"].split(".")[-1])(**entry.get("init_args", {}))
              for entry in model["objectives"]]
     module = PretrainingModule(TransformerConfig(**model["backbone"]), parts, tokenizer=settings["data"]["tokenizer"])
-    return model_flops_per_token(module, 128)
+    return float(f"{tokens * model_flops_per_token(module, 128):.3g}")
 
 
 def pretrain_arm(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_minutes: float, out: Path,
@@ -115,7 +116,7 @@ def pretrain_arm(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_mi
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         if "flops" not in summary:  # a run cached before FLOPs were counted
-            summary["flops"] = float(f"{summary['tokens'] * flops_per_token(recipe_path):.3g}")
+            summary["flops"] = training_flops(recipe_path, summary["tokens"])
             summary_path.write_text(json.dumps(summary, indent=2) + "\n")
         return summary
     recipe_path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +130,7 @@ def pretrain_arm(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_mi
     tokens = steps * 32 * 128
     summary = {"steps": steps, "tokens": tokens, "seconds": round(tokens / statistics.median(timing), 1) if timing
                else None, "final_loss": losses[-1][1] if losses else None,
-               "flops": float(f"{tokens * flops_per_token(recipe_path):.3g}")}
+               "flops": training_flops(recipe_path, tokens)}
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
