@@ -105,6 +105,13 @@ def training_flops(recipe_path: Path, tokens: int) -> float:
     return float(f"{tokens * model_flops_per_token(module, 128):.3g}")
 
 
+def write_summary(path: Path, summary: dict) -> None:
+    """The arm's summary, the mark of a finished arm: written whole or not at all (a kill never leaves half)."""
+    from pretrain.training.checkpoints import write_atomically
+
+    write_atomically(path, lambda file: file.write((json.dumps(summary, indent=2) + "\n").encode()))
+
+
 def pretrain_arm(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_minutes: float, out: Path,
                  **settings) -> dict:
     """Pretrain once (cached: a finished arm is read back); steps, tokens, seconds, final training loss, FLOPs."""
@@ -117,7 +124,7 @@ def pretrain_arm(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_mi
         summary = json.loads(summary_path.read_text())
         if "flops" not in summary:  # a run cached before FLOPs were counted
             summary["flops"] = training_flops(recipe_path, summary["tokens"])
-            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+            write_summary(summary_path, summary)
         return summary
     recipe_path.parent.mkdir(parents=True, exist_ok=True)
     recipe_path.write_text(yaml.safe_dump(recipe(arm, sizes, tokenizer, corpus, budget_minutes, run, **settings)))
@@ -131,7 +138,7 @@ def pretrain_arm(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_mi
     summary = {"steps": steps, "tokens": tokens, "seconds": round(tokens / statistics.median(timing), 1) if timing
                else None, "final_loss": losses[-1][1] if losses else None,
                "flops": training_flops(recipe_path, tokens)}
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_summary(summary_path, summary)
     return summary
 
 
