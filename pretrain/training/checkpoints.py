@@ -5,12 +5,21 @@ failed write (a full disk) leaves the previous file as it was and stops the run 
 `last.ckpt`; the last `keep` are also kept as `step-NNNNNNNN.ckpt`. No checkpoint is written from non-finite weights,
 nor while the run is skipping steps with non-finite gradients. Reading: the archive's CRC-32 checksums are verified
 and tensors are unpickled with `weights_only=True` (no code runs), whatever the caller asks.
+
+Sharded checkpoints (`--trainer.strategy fsdp_sharded`) are directories: each rank's shards in
+`torch.distributed.checkpoint`'s format, its index `.metadata`, and Lightning's `meta.pt` (everything but weights and
+optimizer state). They are written into a staging directory and renamed `step-NNNNNNNN.ckpt` once whole; `last.ckpt`
+is then a relative symbolic link to the newest. Reading one checks that every shard the index names is on disk at
+its full length, reads the index with an unpickler that builds only its own record classes, and the non-tensor
+entries and `meta.pt` with `weights_only=True`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import pickle
 import shutil
 import zipfile
 from collections.abc import Callable
@@ -20,10 +29,13 @@ from typing import IO, Any
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.plugins.io import CheckpointIO
+from torch import Tensor
 
 from pretrain.errors import UserError
 
 LAST = "last.ckpt"
+# Lightning's part of a sharded checkpoint directory (torch.distributed.checkpoint's index is .metadata)
+SHARD_METADATA = "meta.pt"
 _VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of files whose checksums were verified
 
 
@@ -115,16 +127,70 @@ def link_or_copy(source: Path, target: Path) -> None:
     fsync_directory(target.parent)
 
 
+def fsync_path(path: Path) -> None:
+    """Make a file (or a directory's entries) durable."""
+    if path.is_dir():
+        fsync_directory(path)
+        return
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+def replace_directory(source: Path, target: Path) -> None:
+    """Rename the directory `source` to `target`, replacing a `target` that exists (moved aside first, removed
+    after)."""
+    aside = target.with_name(f".{target.name}.partial-old")
+    if target.exists() or target.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(target, aside)
+    os.replace(source, target)
+    fsync_directory(target.parent)
+    if aside.is_dir():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
+
+
+def point_link(link: Path, target: Path) -> None:
+    """`link` becomes, atomically, a relative symbolic link to `target` (in the same directory): it follows the run
+    directory when it is moved or copied."""
+    temporary = link.with_name(f".{link.name}.partial-link")
+    temporary.unlink(missing_ok=True)
+    os.symlink(target.name, temporary)
+    os.replace(temporary, link)
+    fsync_directory(link.parent)
+
+
 # --- reading --------------------------------------------------------------------------------------------------
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """Whether `path` is a sharded checkpoint directory (FSDP's sharded state dict type), whole or not."""
+    return path.is_dir() and (path / SHARD_METADATA).is_file()
+
 
 def check_checkpoint_file(path: Path) -> None:
     """A clear error for a checkpoint path that is missing, or a file that is not a whole, undamaged checkpoint: every
     entry of the archive is read and checked against its CRC-32 (flipped bytes inside a tensor are caught here;
-    `torch.load` alone would return the damaged values)."""
+    `torch.load` alone would return the damaged values). A sharded checkpoint directory: see `check_sharded`."""
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"{path} points to {os.readlink(path)}, which does not exist: use an earlier checkpoint "
+                        f"({path.parent}/step-*.ckpt) or a complete copy")
+    if path.is_dir():
+        if not is_sharded_checkpoint(path):
+            raise UserError(f"{path} is a directory, not a checkpoint: give a .ckpt file, or a sharded checkpoint "
+                            f"directory (one with {SHARD_METADATA})")
+        check_sharded(path)
+        return
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist (to resume the run in --trainer.default_root_dir, give "
                         "--ckpt_path last)")
-    earlier = f"use an earlier one ({path.parent}/step-*.ckpt) or a complete copy"
+    check_archive(path, path)
+
+
+def check_archive(path: Path, checkpoint: Path) -> None:
+    """`path` (the checkpoint itself, or the meta.pt of the sharded `checkpoint`) is a zip archive whose entries all
+    match their CRC-32."""
+    earlier = f"use an earlier one ({checkpoint.parent}/step-*.ckpt) or a complete copy"
     stat = path.stat()
     identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if identity in _VERIFIED:
@@ -141,17 +207,109 @@ def check_checkpoint_file(path: Path) -> None:
     _VERIFIED.add(identity)
 
 
+class _ShardIndexUnpickler(pickle.Unpickler):
+    """Reads torch.distributed.checkpoint's `.metadata` (a plain pickle) building only its record classes, tensor
+    sizes, dtypes, layouts and paths: a crafted index cannot run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name) if _index_global(module, name) else None
+        if found is None:
+            raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint index")
+        return found
+
+
+def _index_global(module: str, name: str) -> bool:
+    if module == "torch.distributed.checkpoint.metadata":
+        return not name.startswith("__")
+    if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+        return True
+    return (module, name) in _INDEX_GLOBALS
+
+
+_INDEX_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                  ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+                  ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+
+
+def read_shard_index(path: Path) -> Any:
+    """The `torch.distributed.checkpoint.metadata.Metadata` of the sharded checkpoint `path` (see the unpickler)."""
+    try:
+        with open(path / ".metadata", "rb") as file:
+            return _ShardIndexUnpickler(file).load()
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError, TypeError) as error:
+        raise UserError(f"{path}/.metadata, the index of this sharded checkpoint, is missing or not readable "
+                        f"({error}): use an earlier one ({path.parent}/step-*.ckpt) or a complete copy") from error
+
+
+def check_sharded(path: Path) -> None:
+    """A sharded checkpoint directory is whole: meta.pt passes its checksums; every shard its index names exists and
+    holds the entry's bytes; its non-tensor entries (the optimizer's settings) load with `weights_only=True`."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    check_archive(path / SHARD_METADATA, path)
+    index = read_shard_index(path)
+    earlier = f"use an earlier one ({path.parent}/step-*.ckpt) or a complete copy"
+    for entry, stored in (index.storage_data or {}).items():
+        shard = path / stored.relative_path
+        if not shard.is_file() or shard.stat().st_size < stored.offset + stored.length:
+            raise UserError(f"{path} is incomplete: its shard {stored.relative_path} is missing or cut short; "
+                            f"{earlier}")
+        if getattr(stored, "transform_descriptors", None):
+            raise UserError(f"{path} stores {entry.fqn} transformed ({', '.join(stored.transform_descriptors)}), "
+                            "which pretrain does not read")
+        if isinstance(index.state_dict_metadata.get(entry.fqn), BytesStorageMetadata):
+            with open(shard, "rb") as file:
+                file.seek(stored.offset)
+                raw = file.read(stored.length)
+            try:
+                torch.load(io.BytesIO(raw), weights_only=True)
+            except Exception as error:
+                raise UserError(f"{path}: its entry {entry.fqn} holds objects other than tensors and plain data "
+                                f"({type(error).__name__}); pretrain does not load it") from error
+
+
+def shard_reader(path: Path):
+    """torch.distributed.checkpoint's reader of `path`, with the index read by `read_shard_index`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeShardReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            index = read_shard_index(path)
+            if getattr(index, "storage_meta", None) is None:
+                index.storage_meta = StorageMeta()
+            index.storage_meta.load_id = self.load_id
+            return index
+
+    return SafeShardReader(path)
+
+
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """A Lightning checkpoint's contents (on the CPU by default), after checking its checksums, never unpickling
-    code (`weights_only=True`)."""
+    code (`weights_only=True`). Of a sharded checkpoint directory, everything but the weights and the optimizer
+    state (its meta.pt): read the weights with `read_sharded_weights`."""
     path = Path(path)
     check_checkpoint_file(path)
+    file = path / SHARD_METADATA if path.is_dir() else path
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(file, map_location=map_location, weights_only=True)
     except Exception as error:  # objects that weights_only refuses to unpickle, or a damaged record
-        raise UserError(f"{path} could not be read as a checkpoint ({type(error).__name__}: "
+        raise UserError(f"{file} could not be read as a checkpoint ({type(error).__name__}: "
                         f"{str(error).splitlines()[0][:200] if str(error) else ''}); it may not come from "
                         "pretrain fit, or it holds objects other than tensors and plain data") from error
+
+
+def read_sharded_weights(path: Path, weights: dict[str, Tensor]) -> None:
+    """Fill `weights` ({name in the module's state dict: a tensor of its shape}) from the sharded checkpoint `path`
+    (checked by `read_checkpoint` first), in this process alone."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load({"model": weights}, storage_reader=shard_reader(path), no_dist=True)
+    except Exception as error:  # a missing entry or a shape that differs
+        message = str(error).strip().splitlines()
+        raise UserError(f"{path} does not hold the weights its recipe describes: "
+                        f"{message[-1][:300] if message else type(error).__name__}") from error
 
 
 class SafeCheckpointIO(CheckpointIO):
@@ -166,6 +324,9 @@ class SafeCheckpointIO(CheckpointIO):
         if weights_only is False:
             raise UserError("weights_only false would let a checkpoint run code as it is loaded; pretrain loads "
                             "checkpoints with weights_only=True only: drop the option")
+        if is_sharded_checkpoint(Path(path)):  # (FSDP reads these itself, without a CheckpointIO)
+            raise UserError(f"{path} is a sharded checkpoint: resume it with --trainer.strategy fsdp_sharded (or "
+                            "fsdp), or export its weights (pretrain export) and start a new run from them")
         return read_checkpoint(path, map_location)
 
     def remove_checkpoint(self, path) -> None:
@@ -174,11 +335,13 @@ class SafeCheckpointIO(CheckpointIO):
 
 # --- the callback ---------------------------------------------------------------------------------------------
 
-def finite_weights(module: torch.nn.Module) -> bool:
-    """Whether every floating-point parameter and buffer is finite (one host sync)."""
-    checks = [tensor.isfinite().all() for tensor in module.state_dict().values()
-              if torch.is_tensor(tensor) and tensor.is_floating_point()]
-    return bool(torch.stack(checks).all()) if checks else True
+def finite_weights(module: torch.nn.Module, strategy: Any = None) -> bool:
+    """Whether every floating-point parameter and buffer is finite (one host sync). Each process checks what it
+    holds (under FSDP, its shard: nothing is gathered), and with a Lightning `strategy` all processes agree."""
+    tensors = [*module.parameters(), *module.buffers()]
+    checks = [tensor.isfinite().all() for tensor in tensors if tensor.is_floating_point() and tensor.numel()]
+    finite = bool(torch.stack(checks).all()) if checks else True
+    return strategy.reduce_boolean_decision(finite, all=True) if strategy is not None else finite
 
 
 class Checkpoints(Callback):
@@ -205,9 +368,9 @@ class Checkpoints(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = Path(trainer.default_root_dir) / "checkpoints"
-        if trainer.is_global_zero and self.dirpath.is_dir():  # temporary files of a save that was killed
-            for stale in self.dirpath.glob(".*.ckpt.partial-*"):
-                stale.unlink(missing_ok=True)
+        if trainer.is_global_zero and self.dirpath.is_dir():  # what a save that was killed left behind
+            for stale in self.dirpath.glob(".*.ckpt.partial*"):
+                shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink(missing_ok=True)
 
     @property
     def last(self) -> Path:
@@ -230,20 +393,48 @@ class Checkpoints(Callback):
         if isinstance(pl_module, PretrainingModule) and pl_module.skipping():
             self.postponed += 1
             return
-        if not finite_weights(pl_module):
+        if not finite_weights(pl_module, trainer.strategy):
             raise UnsafeWeightsError(
                 f"the weights are not finite at step {step}: no checkpoint was written from them; the newest good one "
                 f"is {self.last}. Lower the learning rate or clip gradients (--trainer.gradient_clip_val 1.0), then "
                 "resume from it with --ckpt_path last")
+        from pretrain.training.distributed import writes_sharded
+
+        if writes_sharded(trainer.strategy):
+            self.save_sharded(trainer, step)
+            return
         target = self.dirpath / f"step-{step:08d}.ckpt" if self.keep else self.last
         trainer.save_checkpoint(target, weights_only=False)  # the whole state: exact resume
         self._saved_step = step
         if self.keep and trainer.is_global_zero:
             link_or_copy(target, self.last)
-            self.prune()
+            self.prune(self.keep)
 
-    def prune(self) -> None:
-        """Remove all but the newest `keep` step checkpoints (by the time they were written)."""
+    def save_sharded(self, trainer, step: int) -> None:
+        """Every process writes its shards into a staging directory; once all have, rank 0 renames it
+        `step-NNNNNNNN.ckpt` and points `last.ckpt` at it: until then the previous checkpoint is the last, whole.
+        (With keep 0, the newest directory alone is kept.)"""
+        target = self.dirpath / f"step-{step:08d}.ckpt"
+        staging = self.dirpath / f".{target.name}.partial"
+        if trainer.is_global_zero:
+            shutil.rmtree(staging, ignore_errors=True)
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+        trainer.strategy.barrier("pretrain.checkpoint.staging")
+        trainer.save_checkpoint(staging, weights_only=False)  # ends once every process has written its shards
+        self._saved_step = step
+        if trainer.is_global_zero:
+            for written in [*staging.iterdir(), staging]:
+                fsync_path(written)
+            replace_directory(staging, target)
+            point_link(self.last, target)
+            self.prune(max(self.keep, 1))
+
+    def prune(self, keep: int) -> None:
+        """Remove all but the newest `keep` step checkpoints (by the time they were written), never the one
+        `last.ckpt` points to."""
+        newest = self.last.resolve() if self.last.exists() else None
         stamped = sorted(self.dirpath.glob("step-*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
-        for old in stamped[:-self.keep]:
-            old.unlink(missing_ok=True)
+        for old in stamped[:-keep]:
+            if old.resolve() == newest:
+                continue
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink(missing_ok=True)

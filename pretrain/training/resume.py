@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from pretrain.errors import UserError
-from pretrain.training.checkpoints import LAST, check_checkpoint_file
+from pretrain.training.checkpoints import LAST, SHARD_METADATA, check_checkpoint_file
 from pretrain.training.module import OPTIMIZER_SETTINGS
 
 # Recipe keys whose change a resumed run refuses (the weights and the optimizer state would not fit), and sections
@@ -21,7 +21,7 @@ QUIET = ("model.tokenizer", "model.compile", "data.tokenizer", "data.num_workers
 
 
 def resolve(ckpt_path: str | None, checkpoints: Path) -> Path | None:
-    """The file a resume reads: `last` is `checkpoints`/last.ckpt (None where there is none yet: the run starts
+    """The checkpoint a resume reads: `last` is `checkpoints`/last.ckpt (None where there is none yet: the run starts
     fresh, so one command both starts and restarts a run); another value is a path. Either is verified (see
     `check_checkpoint_file`). With no `ckpt_path`, refuses to start a new run over an earlier run's checkpoints."""
     if ckpt_path is None:
@@ -31,7 +31,7 @@ def resolve(ckpt_path: str | None, checkpoints: Path) -> Path | None:
         return None
     if ckpt_path == "last":
         path = checkpoints / LAST
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():  # (a link to nothing is refused below, not ignored)
             print(f"note: no {LAST} in {checkpoints} yet: starting the run from the beginning", flush=True)
             return None
     elif ckpt_path in ("best", "hpc", "registry"):
@@ -75,11 +75,13 @@ def _same(old: Any, new: Any) -> bool:
 
 
 def saved_recipe(path: Path) -> str | None:
-    """The resolved recipe a checkpoint of `pretrain fit` carries (its tensors are memory-mapped, not read)."""
+    """The resolved recipe a checkpoint of `pretrain fit` carries (its tensors are memory-mapped, not read; of a
+    sharded checkpoint directory, its meta.pt is read)."""
     import torch
 
+    file = path / SHARD_METADATA if path.is_dir() else path
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config")
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True).get("config")
     except Exception as error:
         raise UserError(f"{path} could not be read as a checkpoint ({type(error).__name__}); it may not come from "
                         "pretrain fit") from error

@@ -72,7 +72,7 @@ class RunSummary(Callback):
                 lines.append(f"checkpoints: {shown(Path(callback.dirpath))} (newest: {LAST})")
         if trainer.loggers:  # (not trainer.log_dir: it is a collective call under DDP)
             lines.append(f"logs: {shown(Path(trainer.loggers[0].log_dir))}")
-        if checkpoint is not None and checkpoint.is_file():
+        if checkpoint is not None and checkpoint.exists():  # (a file, or a sharded directory)
             causal = isinstance(pl_module, PretrainingModule) and pl_module.backbone.config.causal
             lines += ["next (FILE, GLUE_DIR: yours):", *next_commands(run, checkpoint, causal)]
         print("\n".join(lines), flush=True)

@@ -113,7 +113,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     from pretrain.training.checkpoints import Checkpoints, UnsafeWeightsError
 
     class Trainer:  # what Checkpoints.save reads
-        global_step, sanity_checking, fast_dev_run, is_global_zero = 3, False, False, True
+        global_step, sanity_checking, fast_dev_run, is_global_zero, strategy = 3, False, False, True, None
 
         def save_checkpoint(self, *args, **kwargs):
             raise AssertionError("must not be called")
