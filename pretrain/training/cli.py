@@ -33,6 +33,7 @@ def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
 
     from pretrain.data.datamodule import PretrainingDataModule
     from pretrain.training.checkpoints import Checkpoints, SafeCheckpointIO
+    from pretrain.training.distributed import STATE_DICT_TYPES, fsdp_strategy
     from pretrain.training.module import PretrainingModule
     from pretrain.training.progress import StepProgressBar
     from pretrain.training.resume import check_recipe, resolve, saved_recipe
@@ -77,8 +78,10 @@ def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
             if self.subcommand == "fit" or config.ckpt_path is not None:
                 path = resolve(config.ckpt_path, Path(config.checkpoint.dirpath))
                 config.ckpt_path = str(path) if path else None
-                if path is not None and self.subcommand == "fit":
-                    check_recipe(saved_recipe(path), config.as_dict(), path)
+                if path is not None:  # (read weights-only here: FSDP's own reader of a full file would not)
+                    recipe = saved_recipe(path)
+                    if self.subcommand == "fit":
+                        check_recipe(recipe, config.as_dict(), path)
 
         def after_instantiate_classes(self) -> None:
             super().after_instantiate_classes()
@@ -101,6 +104,8 @@ def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
             if trainer.get("enable_model_summary") is not False:  # one line instead of Lightning's table
                 kwargs["enable_model_summary"] = False
                 kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), ModelOverview()]
+            if isinstance(trainer.get("strategy"), str) and trainer["strategy"] in STATE_DICT_TYPES:
+                kwargs["strategy"] = fsdp_strategy(trainer["strategy"], self.model)  # one FSDP unit per block
             # checkpoints are written by `checkpoint:` (Checkpoints) alone, through SafeCheckpointIO
             plugins = trainer.get("plugins") or []
             kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), SafeCheckpointIO()]
