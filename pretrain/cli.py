@@ -41,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--clean", action="store_true", help="turn HTML <br /> tags into newlines, unescape entities")
     train.add_argument("--cased", action="store_true", help="keep case (WordPiece and Unigram lowercase by default)")
     export = commands.add_parser("export", help="write a checkpoint's model and tokenizer as a portable directory")
-    export.add_argument("checkpoint", type=Path, help="a .ckpt of pretrain fit (e.g. RUN/checkpoints/last.ckpt)")
+    export.add_argument("checkpoint", type=Path, help="a checkpoint of pretrain fit, a file or a sharded one's "
+                        "directory (e.g. RUN/checkpoints/last.ckpt)")
     export.add_argument("out", type=Path, help="a new directory")
     export.add_argument("--format", choices=["native", "hf"], default="native",
                         help="native: model.safetensors + config.json + tokenizer.json, read by pretrain.load; "

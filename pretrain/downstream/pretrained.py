@@ -25,7 +25,7 @@ from pretrain.data.tokenizer import load_tokenizer, plain, special_ids
 from pretrain.downstream.generate import LanguageModel, Strategy, generate, perplexity
 from pretrain.downstream.inputs import Row, gpt_inputs, right_pad, task_batch, task_output
 from pretrain.errors import UserError
-from pretrain.training.checkpoints import read_checkpoint
+from pretrain.training.checkpoints import is_sharded_checkpoint, read_checkpoint, read_sharded_weights
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
 
@@ -266,15 +266,19 @@ def from_checkpoint(path: Path) -> Pretrained:
     if saved["tokenizer"] is None:
         raise UserError(f"{path} holds no tokenizer (the model was trained without one); export needs it")
     model = model_with_heads(TransformerConfig(**saved["backbone"]), saved.get("head_specs") or list(saved["heads"]))
-    state = checkpoint["state_dict"]
-    ours = {}
+    names = {}  # our key -> the checkpoint's
     for key in model.state_dict():
         if key.startswith("backbone."):
-            ours[key] = state[key]
+            names[key] = key
         else:  # heads.<name>.<rest> <- <the objective's head prefix>.<rest>
             _, name, rest = key.split(".", 2)
-            ours[key] = state[f"{saved['heads'][name]}.{rest}"]
-    model.load_state_dict(ours)
+            names[key] = f"{saved['heads'][name]}.{rest}"
+    if "state_dict" in checkpoint:
+        state = checkpoint["state_dict"]
+    else:  # a sharded checkpoint directory: its shards fill tensors of the model's shapes
+        state = {names[key]: torch.empty_like(value) for key, value in model.state_dict().items()}
+        read_sharded_weights(path, state)
+    model.load_state_dict({key: state[name] for key, name in names.items()})
     return Pretrained(model, Tokenizer.from_str(saved["tokenizer"]))
 
 
@@ -317,10 +321,11 @@ def from_hf_directory(directory: Path) -> Pretrained:
 
 
 def load(path: str | Path) -> Pretrained:
-    """A model and its tokenizer from a `.ckpt` of `pretrain fit`, a directory written by `pretrain export`, or a
-    Hugging Face directory of a BERT, ALBERT, ELECTRA or GPT-2 model."""
+    """A model and its tokenizer from a checkpoint of `pretrain fit` (a `.ckpt` file, or the directory of a sharded
+    one), a directory written by `pretrain export`, or a Hugging Face directory of a BERT, ALBERT, ELECTRA or GPT-2
+    model."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or is_sharded_checkpoint(path) or (path.is_symlink() and not path.exists()):
         return from_checkpoint(path)
     if not path.is_dir():
         raise UserError(f"{path} does not exist (give a .ckpt file or an exported model directory)")
