@@ -1,6 +1,6 @@
 """The CUDA paths: bf16 training steps against fp32, compiled against eager, fused AdamW, generation, perplexity,
-encoding and fine-tuning on a CUDA model, exact resume on CUDA. Run on a GPU machine with `pytest -m gpu` (see
-benchmarks/gpu.sh); without CUDA they are skipped: there is nothing to run them on."""
+encoding and fine-tuning on a CUDA model, exact resume on CUDA, FSDP with full and sharded checkpoints. Run on a GPU
+machine with `pytest -m gpu` (see benchmarks/gpu.sh); without CUDA they are skipped: there is nothing to run them on."""
 
 import pytest
 import torch
@@ -113,3 +113,42 @@ def test_exact_resume_on_cuda(tmp_path):
     resumed_losses = logged(tmp_path / "resumed", "train/loss")
     assert losses.keys() == resumed_losses.keys()
     assert all(float(losses[k]) == pytest.approx(float(resumed_losses[k]), rel=1e-4) for k in losses)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp_sharded"])
+def test_fsdp_trains_resumes_exactly_and_its_checkpoints_load_and_export(strategy, tmp_path):
+    """`--trainer.strategy fsdp` (one full checkpoint file) and `fsdp_sharded` (a directory of shards): stopped at
+    step 4 and resumed with --ckpt_path last, a run logs the losses of an uninterrupted one; the last checkpoint
+    loads (`pretrain.load`) and exports (`pretrain export`) to the same weights."""
+    import pretrain
+    from pretrain.downstream.export import export
+    from pretrain.training.checkpoints import is_sharded_checkpoint
+    from tests.pretrain.training.test_resume import fit, logged
+
+    on_fsdp = ("--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.strategy", strategy)
+    fit("gpt2.yaml", tmp_path / "straight", tmp_path, 8, *on_fsdp)
+    fit("gpt2.yaml", tmp_path / "resumed", tmp_path, 4, *on_fsdp)
+    last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    assert is_sharded_checkpoint(last) == (strategy == "fsdp_sharded")
+    fit("gpt2.yaml", tmp_path / "resumed", tmp_path, 8, "--ckpt_path", "last", *on_fsdp)
+    losses, resumed = logged(tmp_path / "straight", "train/loss"), logged(tmp_path / "resumed", "train/loss")
+    assert losses.keys() == resumed.keys() and len(losses) == 8
+    assert all(float(losses[k]) == pytest.approx(float(resumed[k]), rel=1e-4) for k in losses)
+    straight = pretrain.load(tmp_path / "straight" / "checkpoints" / "last.ckpt").model.state_dict()
+    loaded = pretrain.load(last).model.state_dict()
+    assert all(torch.allclose(straight[k], loaded[k], atol=1e-5) for k in straight)
+    exported = pretrain.load(export(last, tmp_path / "export")).model.state_dict()
+    assert all(torch.equal(loaded[k], exported[k]) for k in loaded)
+
+
+def test_fsdp_on_one_gpu_follows_the_single_device_run(tmp_path):
+    """The same recipe without FSDP and with it (one unit per block) logs the same losses: sharding changes where the
+    weights live, not the arithmetic (to float tolerance)."""
+    from tests.pretrain.training.test_resume import fit, logged
+
+    gpu = ("--trainer.accelerator", "gpu", "--trainer.devices", "1")
+    fit("gpt2.yaml", tmp_path / "single", tmp_path, 8, *gpu)
+    fit("gpt2.yaml", tmp_path / "fsdp", tmp_path, 8, *gpu, "--trainer.strategy", "fsdp_sharded")
+    single, sharded = logged(tmp_path / "single", "train/loss"), logged(tmp_path / "fsdp", "train/loss")
+    assert single.keys() == sharded.keys()
+    assert all(float(single[k]) == pytest.approx(float(sharded[k]), rel=1e-3) for k in single)
