@@ -127,15 +127,6 @@ def link_or_copy(source: Path, target: Path) -> None:
     fsync_directory(target.parent)
 
 
-def fsync_path(path: Path) -> None:
-    """Make a file (or a directory's entries) durable."""
-    if path.is_dir():
-        fsync_directory(path)
-        return
-    with open(path, "rb") as file:
-        os.fsync(file.fileno())
-
-
 def replace_directory(source: Path, target: Path) -> None:
     """Rename the directory `source` to `target`, replacing a `target` that exists (moved aside first, removed
     after)."""
@@ -145,10 +136,15 @@ def replace_directory(source: Path, target: Path) -> None:
         os.replace(target, aside)
     os.replace(source, target)
     fsync_directory(target.parent)
-    if aside.is_dir():
-        shutil.rmtree(aside, ignore_errors=True)
+    remove(aside)
+
+
+def remove(path: Path) -> None:
+    """Remove a checkpoint file, link or directory (whatever is there, if anything)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
     else:
-        aside.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
 
 
 def point_link(link: Path, target: Path) -> None:
@@ -163,9 +159,20 @@ def point_link(link: Path, target: Path) -> None:
 
 # --- reading --------------------------------------------------------------------------------------------------
 
+def use_earlier(checkpoint: Path) -> str:
+    """What to do instead of reading the damaged `checkpoint`."""
+    return f"use an earlier one ({checkpoint.parent}/step-*.ckpt) or a complete copy"
+
+
 def is_sharded_checkpoint(path: Path) -> bool:
     """Whether `path` is a sharded checkpoint directory (FSDP's sharded state dict type), whole or not."""
     return path.is_dir() and (path / SHARD_METADATA).is_file()
+
+
+def contents_file(path: Path) -> Path:
+    """The file `torch.load` reads of the checkpoint `path`: itself, or a sharded directory's meta.pt (everything
+    but its tensors)."""
+    return path / SHARD_METADATA if path.is_dir() else path
 
 
 def check_checkpoint_file(path: Path) -> None:
@@ -173,8 +180,7 @@ def check_checkpoint_file(path: Path) -> None:
     entry of the archive is read and checked against its CRC-32 (flipped bytes inside a tensor are caught here;
     `torch.load` alone would return the damaged values). A sharded checkpoint directory: see `check_sharded`."""
     if path.is_symlink() and not path.exists():
-        raise UserError(f"{path} points to {os.readlink(path)}, which does not exist: use an earlier checkpoint "
-                        f"({path.parent}/step-*.ckpt) or a complete copy")
+        raise UserError(f"{path} points to {os.readlink(path)}, which does not exist: {use_earlier(path)}")
     if path.is_dir():
         if not is_sharded_checkpoint(path):
             raise UserError(f"{path} is a directory, not a checkpoint: give a .ckpt file, or a sharded checkpoint "
@@ -190,7 +196,7 @@ def check_checkpoint_file(path: Path) -> None:
 def check_archive(path: Path, checkpoint: Path) -> None:
     """`path` (the checkpoint itself, or the meta.pt of the sharded `checkpoint`) is a zip archive whose entries all
     match their CRC-32."""
-    earlier = f"use an earlier one ({checkpoint.parent}/step-*.ckpt) or a complete copy"
+    earlier = use_earlier(checkpoint)
     stat = path.stat()
     identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if identity in _VERIFIED:
@@ -238,7 +244,7 @@ def read_shard_index(path: Path) -> Any:
             return _ShardIndexUnpickler(file).load()
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError, TypeError) as error:
         raise UserError(f"{path}/.metadata, the index of this sharded checkpoint, is missing or not readable "
-                        f"({error}): use an earlier one ({path.parent}/step-*.ckpt) or a complete copy") from error
+                        f"({error}): {use_earlier(path)}") from error
 
 
 def check_sharded(path: Path) -> None:
@@ -248,12 +254,11 @@ def check_sharded(path: Path) -> None:
 
     check_archive(path / SHARD_METADATA, path)
     index = read_shard_index(path)
-    earlier = f"use an earlier one ({path.parent}/step-*.ckpt) or a complete copy"
     for entry, stored in (index.storage_data or {}).items():
         shard = path / stored.relative_path
         if not shard.is_file() or shard.stat().st_size < stored.offset + stored.length:
             raise UserError(f"{path} is incomplete: its shard {stored.relative_path} is missing or cut short; "
-                            f"{earlier}")
+                            f"{use_earlier(path)}")
         if getattr(stored, "transform_descriptors", None):
             raise UserError(f"{path} stores {entry.fqn} transformed ({', '.join(stored.transform_descriptors)}), "
                             "which pretrain does not read")
@@ -290,7 +295,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     state (its meta.pt): read the weights with `read_sharded_weights`."""
     path = Path(path)
     check_checkpoint_file(path)
-    file = path / SHARD_METADATA if path.is_dir() else path
+    file = contents_file(path)
     try:
         return torch.load(file, map_location=map_location, weights_only=True)
     except Exception as error:  # objects that weights_only refuses to unpickle, or a damaged record
@@ -370,7 +375,7 @@ class Checkpoints(Callback):
             self.dirpath = Path(trainer.default_root_dir) / "checkpoints"
         if trainer.is_global_zero and self.dirpath.is_dir():  # what a save that was killed left behind
             for stale in self.dirpath.glob(".*.ckpt.partial*"):
-                shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink(missing_ok=True)
+                remove(stale)
 
     @property
     def last(self) -> Path:
@@ -416,15 +421,12 @@ class Checkpoints(Callback):
         (With keep 0, the newest directory alone is kept.)"""
         target = self.dirpath / f"step-{step:08d}.ckpt"
         staging = self.dirpath / f".{target.name}.partial"
-        if trainer.is_global_zero:
-            shutil.rmtree(staging, ignore_errors=True)
-            self.dirpath.mkdir(parents=True, exist_ok=True)
-        trainer.strategy.barrier("pretrain.checkpoint.staging")
         trainer.save_checkpoint(staging, weights_only=False)  # ends once every process has written its shards
         self._saved_step = step
         if trainer.is_global_zero:
-            for written in [*staging.iterdir(), staging]:
-                fsync_path(written)
+            with open(staging / SHARD_METADATA, "rb") as file:  # (torch.distributed.checkpoint fsyncs its own files)
+                os.fsync(file.fileno())
+            fsync_directory(staging)
             replace_directory(staging, target)
             point_link(self.last, target)
             self.prune(max(self.keep, 1))
@@ -435,6 +437,5 @@ class Checkpoints(Callback):
         newest = self.last.resolve() if self.last.exists() else None
         stamped = sorted(self.dirpath.glob("step-*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
         for old in stamped[:-keep]:
-            if old.resolve() == newest:
-                continue
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink(missing_ok=True)
+            if old.resolve() != newest:
+                remove(old)

@@ -33,7 +33,7 @@ def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
 
     from pretrain.data.datamodule import PretrainingDataModule
     from pretrain.training.checkpoints import Checkpoints, SafeCheckpointIO
-    from pretrain.training.distributed import STATE_DICT_TYPES, fsdp_strategy
+    from pretrain.training.distributed import fsdp_strategy
     from pretrain.training.module import PretrainingModule
     from pretrain.training.progress import StepProgressBar
     from pretrain.training.resume import check_recipe, resolve, saved_recipe
@@ -59,8 +59,9 @@ def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
             """Off: Lightning's version replaces the model's settings with the checkpoint's, silently dropping this
             run's overrides; `before_instantiate_classes` checks the resume instead.
 
-            The project's one use of a private API: LightningCLI.__init__ (2.6 and later) calls this method before any
-            public hook. tests/pretrain/test_cli.py fails loudly if Lightning renames it or stops calling it."""
+            One of the project's two uses of a private API (the other: `distributed.writes_sharded`):
+            LightningCLI.__init__ (2.6 and later) calls this method before any public hook. tests/pretrain/test_cli.py
+            fails loudly if Lightning renames it or stops calling it."""
 
         def before_instantiate_classes(self) -> None:
             """Before anything is built: resolve `--ckpt_path last` to this run's last.ckpt, verify the file, and
@@ -104,8 +105,9 @@ def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
             if trainer.get("enable_model_summary") is not False:  # one line instead of Lightning's table
                 kwargs["enable_model_summary"] = False
                 kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), ModelOverview()]
-            if isinstance(trainer.get("strategy"), str) and trainer["strategy"] in STATE_DICT_TYPES:
-                kwargs["strategy"] = fsdp_strategy(trainer["strategy"], self.model)  # one FSDP unit per block
+            strategy = fsdp_strategy(trainer.get("strategy"), self.model)  # fsdp, fsdp_sharded: one unit per block
+            if strategy is not None:
+                kwargs["strategy"] = strategy
             # checkpoints are written by `checkpoint:` (Checkpoints) alone, through SafeCheckpointIO
             plugins = trainer.get("plugins") or []
             kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), SafeCheckpointIO()]

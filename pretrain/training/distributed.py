@@ -13,6 +13,7 @@ the root unit with the embeddings and the heads, as do weights tied between modu
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from pytorch_lightning.strategies import FSDPStrategy, Strategy
 from torch import nn
@@ -44,15 +45,17 @@ class BlockWrapPolicy:
         return recurse or (isinstance(module, (Attention, FeedForward)) and id(module) in self.ids)
 
 
-def fsdp_strategy(name: str, model: nn.Module) -> FSDPStrategy | None:
+def fsdp_strategy(name: Any, model: nn.Module) -> FSDPStrategy | None:
     """The strategy `--trainer.strategy NAME` means for `model`, where NAME is one of ours (`STATE_DICT_TYPES`);
-    None for any other name (Lightning's own)."""
-    if name not in STATE_DICT_TYPES:
+    None for anything else (Lightning's own names, a strategy object, nothing)."""
+    if not isinstance(name, str) or name not in STATE_DICT_TYPES:
         return None
     return FSDPStrategy(auto_wrap_policy=BlockWrapPolicy(blocks_to_wrap(model)),
                         state_dict_type=STATE_DICT_TYPES[name])
 
 
 def writes_sharded(strategy: Strategy) -> bool:
-    """Whether `strategy` writes checkpoints as directories of shards (FSDP's "sharded" state dict type)."""
+    """Whether `strategy` writes checkpoints as directories of shards (FSDP's "sharded" state dict type). Reads
+    FSDPStrategy's private `_state_dict_type` (also set when a recipe builds the strategy itself): if Lightning
+    renames it, tests/pretrain/training/test_sharded.py fails."""
     return isinstance(strategy, FSDPStrategy) and getattr(strategy, "_state_dict_type", "full") == "sharded"

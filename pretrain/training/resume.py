@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from pretrain.errors import UserError
-from pretrain.training.checkpoints import LAST, SHARD_METADATA, check_checkpoint_file
+from pretrain.training.checkpoints import LAST, check_checkpoint_file, contents_file
 from pretrain.training.module import OPTIMIZER_SETTINGS
 
 # Recipe keys whose change a resumed run refuses (the weights and the optimizer state would not fit), and sections
@@ -79,9 +79,8 @@ def saved_recipe(path: Path) -> str | None:
     sharded checkpoint directory, its meta.pt is read)."""
     import torch
 
-    file = path / SHARD_METADATA if path.is_dir() else path
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True).get("config")
+        return torch.load(contents_file(path), map_location="cpu", weights_only=True, mmap=True).get("config")
     except Exception as error:
         raise UserError(f"{path} could not be read as a checkpoint ({type(error).__name__}); it may not come from "
                         "pretrain fit") from error
