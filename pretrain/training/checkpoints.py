@@ -79,11 +79,17 @@ def write_atomically(path: str | Path, write: Callable[[IO[bytes]], None]) -> No
 
 
 def os_error_in(error: BaseException | None) -> OSError | None:
-    """The OSError in an exception's chain (itself, its cause or its context), if any."""
+    """The OSError in an exception's chain (itself, its cause or its context, or a failed rank's of a distributed
+    checkpoint), if any."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, OSError):
             return error
+        failures = getattr(error, "failures", None)  # torch.distributed.checkpoint's: {rank: (error, traceback)}
+        for failure in failures.values() if isinstance(failures, dict) else ():
+            found = os_error_in(failure[0] if isinstance(failure, tuple) else failure)
+            if found is not None:
+                return found
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
@@ -418,17 +424,30 @@ class Checkpoints(Callback):
     def save_sharded(self, trainer, step: int) -> None:
         """Every process writes its shards into a staging directory; once all have, rank 0 renames it
         `step-NNNNNNNN.ckpt` and points `last.ckpt` at it: until then the previous checkpoint is the last, whole.
-        (With keep 0, the newest directory alone is kept.)"""
-        target = self.dirpath / f"step-{step:08d}.ckpt"
-        staging = self.dirpath / f".{target.name}.partial"
-        trainer.save_checkpoint(staging, weights_only=False)  # ends once every process has written its shards
+        A step saved again (by a resumed run) takes the other of two names, `step-NNNNNNNN-1.ckpt`, so that the one
+        `last.ckpt` points to is never moved before the new one is whole. A failed write removes the staging
+        directory and stops the run (`CheckpointWriteError`). (With keep 0, the newest directory alone is kept.)"""
+        names = [self.dirpath / f"step-{step:08d}.ckpt", self.dirpath / f"step-{step:08d}-1.ckpt"]
+        holds_last = self.last.exists() and self.last.resolve() == names[0].resolve()
+        target, other = names[::-1] if holds_last else names
+        staging = self.dirpath / f".{names[0].name}.partial"
+        try:
+            trainer.save_checkpoint(staging, weights_only=False)  # ends once every process has written its shards
+        except BaseException as error:
+            if trainer.is_global_zero:
+                remove(staging)
+            cause = os_error_in(error)
+            if cause is not None:
+                raise CheckpointWriteError(write_failure(target, cause)) from error
+            raise
         self._saved_step = step
         if trainer.is_global_zero:
             with open(staging / SHARD_METADATA, "rb") as file:  # (torch.distributed.checkpoint fsyncs its own files)
                 os.fsync(file.fileno())
             fsync_directory(staging)
-            replace_directory(staging, target)
+            replace_directory(staging, target)  # (never the directory last.ckpt points to)
             point_link(self.last, target)
+            remove(other)  # this step's earlier save, if any: no longer the last
             self.prune(max(self.keep, 1))
 
     def prune(self, keep: int) -> None:

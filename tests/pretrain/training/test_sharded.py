@@ -3,6 +3,7 @@ format, as Lightning's FSDPStrategy writes them): `pretrain.load` and `pretrain 
 one is refused with one line and runs no code, the callback keeps whole directories only and points last.ckpt at the
 newest. (FSDP itself needs a GPU: tests/test_gpu.py trains, resumes and exports through it.)"""
 
+import errno
 import os
 import pickle
 import shutil
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from pytorch_lightning.strategies import FSDPStrategy
+from torch.distributed.checkpoint.api import CheckpointException
 
 import pretrain
 from models import Transformer
@@ -22,6 +24,7 @@ from pretrain.sample import BUNDLED_CORPUS
 from pretrain.training.checkpoints import (
     SHARD_METADATA,
     Checkpoints,
+    CheckpointWriteError,
     SafeCheckpointIO,
     check_checkpoint_file,
     read_checkpoint,
@@ -155,6 +158,18 @@ def test_a_sharded_checkpoint_names_the_strategy_that_resumes_it(run, tmp_path, 
 
 # --- the callback in sharded mode -----------------------------------------------------------------------------
 
+def full_disk() -> CheckpointException:
+    """What torch.distributed.checkpoint raises when a rank's disk is full (as measured on a 1 MiB tmpfs): each
+    rank's error, torch.save's RuntimeError raised while handling the OSError."""
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
+    except RuntimeError as error:
+        return CheckpointException("write", {0: (error, [])})
+
+
 class ShardingTrainer:
     """What Checkpoints.save reads, with a save_checkpoint that writes a directory as FSDP's sharded mode does
     (or fails half-way through, as a full disk would)."""
@@ -162,15 +177,15 @@ class ShardingTrainer:
     is_global_zero = True
 
     def __init__(self):
-        self.global_step, self.fail = 0, False
+        self.global_step, self.fail, self.version = 0, False, ""
         self.strategy = FSDPStrategy(state_dict_type="sharded", parallel_devices=[torch.device("cpu")])
 
     def save_checkpoint(self, path, weights_only=False):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / "__0_0.distcp").write_bytes(f"step {self.global_step}".encode())
+        (path / "__0_0.distcp").write_bytes(f"step {self.global_step}{self.version}".encode())
         if self.fail:
-            raise OSError(28, "No space left on device")
+            raise full_disk()
         torch.save({"global_step": self.global_step}, path / SHARD_METADATA)
 
 
@@ -191,12 +206,42 @@ def test_sharded_saves_keep_whole_directories_and_last_points_to_the_newest(tmp_
     expected = ["step-00000004.ckpt", "step-00000006.ckpt"] if keep == 2 else ["step-00000006.ckpt"]
     assert sorted(p.name for p in directory.iterdir()) == ["last.ckpt", *expected]
     trainer.global_step, trainer.fail = 8, True
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointWriteError, match=r"could not write .*step-00000008.ckpt: No space left on device"):
         callback.save(trainer, model)
     assert os.readlink(directory / "last.ckpt") == "step-00000006.ckpt"  # the failed save changed nothing whole
     assert (directory / "step-00000006.ckpt" / "__0_0.distcp").read_bytes() == b"step 6"
-    callback.setup(trainer, None, "fit")  # the next run removes the half-written directory
+    assert sorted(p.name for p in directory.iterdir()) == ["last.ckpt", *expected]  # its staging directory is gone
+    callback.setup(trainer, None, "fit")
     assert sorted(p.name for p in directory.iterdir()) == ["last.ckpt", *expected]
+
+
+def test_saving_the_step_last_points_to_again_never_leaves_last_without_a_whole_checkpoint(tmp_path, monkeypatch):
+    """A resumed run saves its step again (its end, or a step saved by the run it resumes from): the new directory
+    takes the other name, and last.ckpt moves to it only once it is whole."""
+    from pretrain.training import checkpoints
+
+    trainer, callback = ShardingTrainer(), Checkpoints(str(tmp_path), keep=2)
+    callback.setup(trainer, None, "fit")
+    trainer.global_step = 6
+    callback.save(trainer, torch.nn.Linear(2, 2))
+    trainer.version = " again"
+    resumed = Checkpoints(str(tmp_path), keep=2)
+
+    def killed(link, target):
+        raise KeyboardInterrupt  # the process dies after the new directory is whole, before the link moves
+
+    monkeypatch.setattr(checkpoints, "point_link", killed)
+    with pytest.raises(KeyboardInterrupt):
+        resumed.save(trainer, torch.nn.Linear(2, 2))
+    assert os.readlink(tmp_path / "last.ckpt") == "step-00000006.ckpt"
+    assert (tmp_path / "last.ckpt" / "__0_0.distcp").read_bytes() == b"step 6"
+    monkeypatch.undo()
+    for version, name in ((" again", "step-00000006-1.ckpt"), (" thrice", "step-00000006.ckpt")):
+        trainer.version = version
+        Checkpoints(str(tmp_path), keep=2).save(trainer, torch.nn.Linear(2, 2))
+        assert os.readlink(tmp_path / "last.ckpt") == name
+        assert (tmp_path / "last.ckpt" / "__0_0.distcp").read_bytes() == f"step 6{version}".encode()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", name]  # one directory of step 6
 
 
 # --- the wrap policy ------------------------------------------------------------------------------------------
