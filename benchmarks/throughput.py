@@ -189,8 +189,11 @@ def same_loss(row: Row, seed: int = 1) -> tuple[float, float]:
             theirs = to_hf(ModelWithHeads(module.backbone, module.heads())).eval()
             return float(loss), float(theirs(batch["input_ids"], labels=batch["input_ids"]).loss)
         masking = module.objectives[0].generator_mlm if row.preset.startswith("electra") else module.objectives[0]
+        generator = torch.Generator().manual_seed(seed)
+        if "sop" in row.objectives:  # SOP's swap draws first (objectives.base.corrupt_batch), here to swap none
+            torch.rand(len(batch["input_ids"]), generator=generator)
         masked, labels = mask_tokens(batch["input_ids"], mask_token_id=MASK, vocab_size=config.vocab_size,
-                                     special_ids=SPECIAL, generator=torch.Generator().manual_seed(seed),
+                                     special_ids=SPECIAL, generator=generator,
                                      replace_probs=masking.replace_probs, attention_mask=batch.get("attention_mask"))
         if row.preset.startswith("electra"):
             rtd = module.objectives[0]

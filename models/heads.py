@@ -166,7 +166,11 @@ class LastTokenClassifier(SequenceHead):
 
 
 class TokenScorer(Head):
-    """ELECTRA's discriminator: one logit per token (dense H -> H, activation, H -> 1). (B, T, H) -> (B, T)"""
+    """ELECTRA's discriminator: one logit per token (dense H -> H, activation, H -> 1). (B, T, H) -> (B, T)
+
+    Initialised as Google's ELECTRA (run_pretraining.py) does: the dense layer N(0, initializer_range), the output
+    layer Glorot-uniform (TensorFlow's default for a layer given no initializer), biases 0. (Hugging Face's
+    ElectraForPreTraining draws both from N(0, 0.02): at H = 256 its output layer starts 4.4 times smaller.)"""
 
     def __init__(self, backbone: Transformer):
         super().__init__()
@@ -175,6 +179,7 @@ class TokenScorer(Head):
         self.activation = activation_module(config.activation)
         self.out = nn.Linear(config.hidden_size, 1)
         self.apply(partial(init_weights, std=config.initializer_range))
+        nn.init.xavier_uniform_(self.out.weight)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         return self.out(self.activation(self.dense(hidden_states))).squeeze(-1)

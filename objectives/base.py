@@ -4,8 +4,9 @@ A batch is a dict of tensors, all (B, T) unless noted: `input_ids`, `attention_m
 optionally `token_type_ids`, `position_ids`, `document_ids` (packed "stream" layout), `word_starts`
 (whole-word masking), `next_sentence_label` (B,) for NSP ("pairs" layout).
 
-One training step: each objective may `corrupt` the batch (returning a new dict; never in place), the backbone
-runs once on the corrupted batch, then each objective computes its loss from the shared hidden states.
+One training step: each objective may `corrupt` the batch (returning a new dict; never in place; `corrupt_batch`
+runs those that move tokens first), the backbone runs once on the corrupted batch, then each objective computes its
+loss from the shared hidden states.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class Objective(nn.Module):
     name: ClassVar[str]
     attention: ClassVar[Literal["causal", "bidirectional"]] = "bidirectional"
     corrupts_tokens: ClassVar[bool] = False  # rewrites input_ids (MLM, RTD): at most one such objective
+    # moves tokens to other positions (SOP's swap): runs before any token-level corruption (see `corrupt_batch`)
+    rearranges_tokens: ClassVar[bool] = False
     pair_task: ClassVar[bool] = False  # classifies segment pairs (NSP, SOP): needs the "pairs" layout
     language_model: ClassVar[bool] = False  # its loss is a token cross-entropy: perplexity is logged too
 
@@ -111,6 +114,16 @@ class Objective(nn.Module):
         """The data settings this objective needs, by the name of the data module's argument (e.g. NSP:
         {"layout": "pairs", "pair_task": "nsp"}); checked against the data module before the first step."""
         return {}
+
+
+def corrupt_batch(objectives: Sequence[Objective], batch: Batch, generator: torch.Generator | None = None) -> Batch:
+    """The batch after every objective's corruption: first those that move tokens to other positions (SOP's swap),
+    then the token-level ones (MLM's masks, RTD's replacements), each group in the given order. Labels are made by
+    position, so a token-level label made before a swap would label whatever token the swap moved there: this order
+    keeps every per-token label on the token at its position whatever order a recipe lists the objectives in."""
+    for objective in sorted(objectives, key=lambda o: not o.rearranges_tokens):  # stable: the given order otherwise
+        batch = objective.corrupt(batch, generator)
+    return batch
 
 
 class SegmentPairClassification(Objective):
@@ -206,6 +219,16 @@ def label_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100
     with less memory traffic. With `overwrite_logits` (fp32 logits that nothing else reads, e.g. fresh from the
     output layer) their memory is reused instead of allocating another (N, V) buffer. logits (N, V), labels (N,)."""
     return _LabelCrossEntropy.apply(logits, labels, ignore_index, overwrite_logits)
+
+
+def mean_cosine_similarity(states: Tensor, weights: Tensor) -> Tensor:
+    """The mean cosine similarity between the states of every two different tokens where `weights` is 1 (real
+    tokens): near 1 when the representations have collapsed to one direction. states (B, T, H), weights (B, T);
+    O(B T H), from the sum of the unit vectors: |sum u|^2 = N + sum over pairs i != j of u_i . u_j."""
+    units = F.normalize(states.float(), dim=-1) * weights[..., None]
+    count = weights.sum()
+    total = units.sum(dim=(0, 1))
+    return (total.pow(2).sum() - count) / (count * (count - 1)).clamp(min=1)
 
 
 def accuracy_of(logits: Tensor, labels: Tensor) -> Tensor:

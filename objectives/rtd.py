@@ -7,7 +7,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from models import TokenScorer, Transformer, TransformerConfig
 from objectives.base import (
@@ -17,6 +16,7 @@ from objectives.base import (
     TokenIds,
     backbone_inputs,
     label_cross_entropy,
+    mean_cosine_similarity,
     resolve_masking_ids,
 )
 from objectives.masking import IGNORE_INDEX
@@ -36,10 +36,13 @@ def generator_config(config: TransformerConfig, size: float) -> TransformerConfi
 
 
 class ReplacedTokenDetection(Objective):
-    """ELECTRA. The generator (owned here) is a smaller Transformer sharing the discriminator's token, position and
-    segment embeddings; its MLM loss trains it. Its samples (softmax / `temperature`, no gradient through the
-    sampling) replace the masked tokens; the discriminator (the backbone, kept for fine-tuning) labels every real
-    token as replaced or not. loss = generator MLM loss + `discriminator_weight` * discriminator loss.
+    """ELECTRA. The generator (owned here) is a smaller Transformer sharing the discriminator's embeddings (tables
+    and LayerNorm, as Google's code shares them); its MLM loss trains it. Its samples (softmax / `temperature`, no
+    gradient through the sampling) replace the masked tokens; the discriminator (the backbone, kept for fine-tuning)
+    labels every real token as replaced or not. loss = generator MLM loss + `discriminator_weight` * discriminator
+    loss. Logged besides: the discriminator's accuracy on replaced and on original tokens (a discriminator that says
+    "original" everywhere scores 1 - replaced_fraction in aggregate) and the mean cosine similarity of its token
+    states (near 1: collapsed).
     ELECTRA masks with [MASK] 85 % of the time and keeps the token otherwise (`replace_probs`).
     """
 
@@ -70,8 +73,10 @@ class ReplacedTokenDetection(Objective):
         mask, special = resolve_masking_ids("ReplacedTokenDetection", self.generator_mlm.mask_token_id,
                                             self.generator_mlm.special_ids, tokens)
         self.generator = Transformer(generator_config(backbone.config, self.generator_size))
-        for name, module in backbone.embeddings.named_children():  # token, position and segment embeddings:
-            if isinstance(module, nn.Embedding):  # the same modules, hence the same tensors
+        # Google's ELECTRA shares the whole embeddings scope: token, position and segment tables and the embedding
+        # LayerNorm (the same modules, hence the same tensors); each network keeps its own projection to its width.
+        for name, module in backbone.embeddings.named_children():
+            if name != "projection":
                 setattr(self.generator.embeddings, name, module)
         # its head: the shared word embeddings
         self.generator_mlm.bind(self.generator, TokenIds(mask, special, tokens.vocab_size if tokens else None))
@@ -104,9 +109,14 @@ class ReplacedTokenDetection(Objective):
         per_token = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         discriminator_loss = (per_token * real).sum() / real.sum()
         loss = batch["rtd_generator_loss"] + self.discriminator_weight * discriminator_loss
-        correct = ((logits > 0).float() == labels).float().flatten()
-        return ObjectiveOutput(loss, correct, counted=real.flatten(), extra={
+        correct = ((logits > 0).float() == labels).float()
+        replaced, original = labels * real, (1 - labels) * real
+        return ObjectiveOutput(loss, correct.flatten(), counted=real.flatten(), extra={
             "generator_loss": batch["rtd_generator_loss"], "discriminator_loss": discriminator_loss,
             "generator_accuracy": batch["rtd_generator_correct"],
-            "replaced_fraction": (labels * real).sum() / real.sum(),
+            "replaced_fraction": replaced.sum() / real.sum(),
+            # the aggregate accuracy hides a discriminator that says "original" everywhere: each side on its own
+            "replaced_accuracy": (correct * replaced).sum() / replaced.sum().clamp(min=1),
+            "original_accuracy": (correct * original).sum() / original.sum().clamp(min=1),
+            "token_similarity": mean_cosine_similarity(hidden_states.detach(), real),
         })

@@ -15,7 +15,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from models import Transformer, TransformerConfig, head_spec
 from objectives import Batch, Objective, ObjectiveOutput, TokenIds, check_combination
-from objectives.base import backbone_inputs
+from objectives.base import backbone_inputs, corrupt_batch
 from pretrain.data.tokenizer import check_vocabulary, load_tokenizer, special_ids
 from pretrain.errors import UserError
 from pretrain.training.optim import OptimizerName, ScheduleName, build_optimizer, schedule_factor, skip_if_not_finite
@@ -44,9 +44,9 @@ def token_ids(tokenizer: Tokenizer, vocab_size: int) -> TokenIds:
 class PretrainingModule(pl.LightningModule):
     """Pretrains `Transformer(backbone)` on the weighted sum of `objectives`' losses.
 
-    Each step: every objective may corrupt the batch; the backbone runs once on the corrupted batch; every
-    objective computes its loss on the shared hidden states. Logs each objective's loss and accuracy, perplexity for
-    language-model objectives, the total loss and the learning rate.
+    Each step: every objective may corrupt the batch (those that move tokens first: `corrupt_batch`); the backbone
+    runs once on the corrupted batch; every objective computes its loss on the shared hidden states. Logs each
+    objective's loss and accuracy, perplexity for language-model objectives, the total loss and the learning rate.
 
     Args:
         backbone: the model's architecture.
@@ -119,8 +119,7 @@ class PretrainingModule(pl.LightningModule):
     def forward(self, batch: Batch, generator: torch.Generator | None = None
                 ) -> tuple[Tensor, dict[str, ObjectiveOutput]]:
         """The weighted total loss of one step and each objective's output; `generator` draws the corruption."""
-        for objective in self.objectives:
-            batch = objective.corrupt(batch, generator)
+        batch = corrupt_batch(self.objectives, batch, generator)  # tokens moved first, then masked: labels stay put
         hidden_states = self.backbone(batch["input_ids"], **backbone_inputs(batch))
         outputs = {objective.name: objective(hidden_states, batch) for objective in self.objectives}
         total = sum(objective.weight * outputs[objective.name].loss for objective in self.objectives)
@@ -292,6 +291,7 @@ class PretrainingModule(pl.LightningModule):
                             f"{self.hparams.optimizer!r} now")
         if saved.get("tokenizer") and self.tokenizer_json and saved["tokenizer"] != self.tokenizer_json:
             problems.append("the tokenizer differs from the one the checkpoint was trained with")
+        problems += shared_weight_conflicts(self, checkpoint.get("state_dict", {}))
         if problems:
             raise UserError("cannot resume: " + "; ".join(problems) + ". A resumed run keeps what it was trained with: "
                             "drop the override, or start a new run in another --trainer.default_root_dir")
@@ -331,6 +331,23 @@ class PretrainingModule(pl.LightningModule):
         if "cuda" in self._rng_to_restore and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
         self._rng_to_restore = None
+
+
+def shared_weight_conflicts(module: nn.Module, state_dict: dict) -> list[str]:
+    """Weights that `module` shares between two places (ELECTRA's embeddings, ALBERT's layers) but `state_dict` holds
+    as two different tensors: a checkpoint of a version that did not share them (ELECTRA's generator had its own
+    embedding LayerNorm until the whole embeddings were shared as in Google's code). One line each."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), []).append(name)
+    conflicts = []
+    for first, *others in (group for group in names.values() if len(group) > 1):
+        for other in others:
+            a, b = state_dict.get(first), state_dict.get(other)
+            if isinstance(a, Tensor) and isinstance(b, Tensor) and not torch.equal(a, b):
+                conflicts.append(f"{first} and {other} are one weight now but two different ones in the checkpoint "
+                                 "(written before they were shared)")
+    return conflicts
 
 
 def _plain(value):

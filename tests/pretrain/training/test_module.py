@@ -84,10 +84,16 @@ def test_incompatible_objectives_fail_when_the_module_is_built():
         PretrainingModule(tiny_config(causal=True), [CausalLM(), mlm()])
 
 
+# ALBERT's MLM labels depend on whether SOP swapped the row (the swap comes first, so each label is the token at its
+# position): both orders of each row are memorised, which takes about twice the steps (a label by position alone, as
+# when the masks came before the swap, is learnt without reading the input).
+OVERFIT_STEPS = {"albert": 400}
+
+
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_recipe_overfits_a_tiny_batch(recipe):
     """The loss (a 10-step moving average: masks and samples are drawn anew every step) falls by at least 80 %
-    within 200 steps on one fixed batch of two rows."""
+    within 200 steps (ALBERT: 400) on one fixed batch of two rows."""
     pl.seed_everything(0)
     objectives, layout, overrides, learning_rate = RECIPES[recipe]
     module = PretrainingModule(tiny_config(**overrides), objectives(), learning_rate=learning_rate, warmup_steps=10,
@@ -95,7 +101,7 @@ def test_recipe_overfits_a_tiny_batch(recipe):
     optimizer = module.configure_optimizers()["optimizer"]
     batch = make_batch(layout, rows=2)
     losses = []
-    for step in range(200):
+    for step in range(OVERFIT_STEPS.get(recipe, 200)):
         for group in optimizer.param_groups:  # the warm-up, by hand (no trainer here)
             group["lr"] = learning_rate * min(1.0, (step + 1) / 10)
         loss, _ = module(batch)
@@ -128,14 +134,12 @@ def test_concatenated_positions_train_through_every_objective(recipe):
 def test_what_compile_compiles_has_no_graph_break(recipe):
     """The backbone with every objective's head and loss is one graph (static shapes, no host sync), and so is
     ELECTRA's generator: what `compile=True` compiles never falls back to Python mid-step."""
-    from objectives.base import backbone_inputs
+    from objectives.base import backbone_inputs, corrupt_batch
 
     torch._dynamo.reset()
     objectives, layout, overrides, _ = RECIPES[recipe]
     module = PretrainingModule(tiny_config(**overrides), objectives())
-    batch = make_batch(layout)
-    for objective in module.objectives:
-        batch = objective.corrupt(batch, torch.Generator().manual_seed(0))
+    batch = corrupt_batch(module.objectives, make_batch(layout), torch.Generator().manual_seed(0))
 
     def losses(batch):
         hidden_states = module.backbone(batch["input_ids"], **backbone_inputs(batch))
