@@ -459,6 +459,10 @@ def hf_config_for(config: TransformerConfig, family: str) -> Any:
             n_head=config.num_heads, n_inner=config.intermediate_size, n_positions=config.max_position_embeddings,
             activation_function=activation, layer_norm_epsilon=config.layer_norm_eps, resid_pdrop=config.dropout,
             embd_pdrop=config.dropout, attn_pdrop=config.attention_dropout, initializer_range=config.initializer_range,
+            # GPT-2's <|endoftext|> is id 50256; a smaller vocabulary has no such id (the tokenizer saved beside an
+            # export says which token ends a document)
+            bos_token_id=50256 if config.vocab_size > 50256 else None,
+            eos_token_id=50256 if config.vocab_size > 50256 else None,
         )
     kwargs = dict(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
@@ -476,7 +480,7 @@ def hf_config_for(config: TransformerConfig, family: str) -> Any:
         return transformers.ElectraConfig(embedding_size=config.embedding_size, **kwargs)
     groups = config.num_shared_groups if config.sharing == "all" else config.num_layers
     return transformers.AlbertConfig(embedding_size=config.embedding_size, num_hidden_groups=groups,
-                                     inner_group_num=1, **kwargs)
+                                     inner_group_num=1, classifier_dropout_prob=config.dropout, **kwargs)
 
 
 def _entries(family: str, config: TransformerConfig, heads: tuple[str, ...]) -> list[Entry]:

@@ -134,7 +134,7 @@ class SegmentPairClassification(Objective):
     label_key: ClassVar[str]
 
     def make_head(self, backbone: Transformer) -> Head:
-        return ClassificationHead(backbone, num_labels=2)
+        return ClassificationHead(backbone, num_labels=2, dropout=0.0)  # BERT's and ALBERT's: no dropout on [CLS]
 
     def forward(self, hidden_states: Tensor, batch: Batch) -> ObjectiveOutput:
         logits = self.head(hidden_states)  # (B, 2)

@@ -22,7 +22,8 @@ from pretrain.training.optim import OptimizerName, ScheduleName, build_optimizer
 
 # Settings a resumed run may change (applied to the restored optimizer and schedule, and said); the architecture,
 # the objectives, the optimizer's kind and the tokenizer may not.
-OPTIMIZER_SETTINGS = ("learning_rate", "weight_decay", "betas", "eps", "schedule", "warmup_steps", "total_steps")
+OPTIMIZER_SETTINGS = ("learning_rate", "weight_decay", "betas", "eps", "schedule", "warmup_steps", "warmup_ratio",
+                      "total_steps")
 
 
 class TrainingDiverged(UserError):
@@ -54,6 +55,10 @@ class PretrainingModule(pl.LightningModule):
         optimizer: adamw (no decay on biases and LayerNorm weights), radam, or lamb for large batches.
         learning_rate: the peak learning rate, reached after `warmup_steps`.
         schedule: linear (warm-up then linear decay), cosine, inverse_sqrt or constant.
+        warmup_ratio: when given, the warm-up is this share of `total_steps` (or of the run's estimated steps) and
+            `warmup_steps` is not used: a recipe's warm-up keeps its proportion when its budget changes (ELECTRA
+            warms up over 1 % of its 1M steps, BERT 1 %, the DAPT papers 6 %; a budget of a few hundred steps needs
+            a larger share: see the README's objectives comparison).
         total_steps: the length of the decay; by default the trainer's estimated number of steps.
         tokenizer: its [MASK] and special-token ids go to the objectives that corrupt tokens (unless they were given
             their own), and its vocabulary is checked against the backbone's; checkpoints carry a copy of it.
@@ -83,6 +88,7 @@ class PretrainingModule(pl.LightningModule):
         eps: float = 1e-6,
         schedule: ScheduleName = "linear",
         warmup_steps: int = 10_000,
+        warmup_ratio: float | None = None,
         total_steps: int | None = None,
         tokenizer: str | None = None,
         seed: int = 0,
@@ -92,6 +98,8 @@ class PretrainingModule(pl.LightningModule):
         super().__init__()
         if max_skipped_steps < 1:
             raise UserError(f"max_skipped_steps must be at least 1, got {max_skipped_steps}")
+        if warmup_ratio is not None and not 0.0 <= warmup_ratio < 1.0:
+            raise UserError(f"model.warmup_ratio must be in [0, 1) (a share of the steps), got {warmup_ratio}")
         check_combination(objectives, backbone)
         self.save_hyperparameters(ignore=["backbone", "objectives"])
         self.hparams["backbone"] = dataclasses.asdict(backbone)
@@ -168,12 +176,18 @@ class PretrainingModule(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = build_optimizer(hp.optimizer, self, hp.learning_rate, hp.weight_decay, tuple(hp.betas), hp.eps)
-        total_steps = hp.total_steps
-        if total_steps is None and hp.schedule in ("linear", "cosine"):  # only decays need the run's length
-            total_steps = int(self.trainer.estimated_stepping_batches)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, schedule_factor(hp.schedule, hp.warmup_steps, total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(hp.schedule, *self.schedule_steps()))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def schedule_steps(self) -> tuple[int, int | None]:
+        """(warm-up steps, decay length): `total_steps`, or the trainer's estimate where a decay or `warmup_ratio`
+        needs the run's length."""
+        hp = self.hparams
+        total_steps = hp.total_steps
+        if total_steps is None and (hp.schedule in ("linear", "cosine") or hp.warmup_ratio is not None):
+            total_steps = int(self.trainer.estimated_stepping_batches)
+        warmup_steps = hp.warmup_steps if hp.warmup_ratio is None else round(hp.warmup_ratio * total_steps)
+        return warmup_steps, total_steps
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:

@@ -206,3 +206,34 @@ def test_a_model_vocabulary_larger_than_the_tokenizers_is_said_and_replacements_
     corrupted = masking.corrupt(batch, torch.Generator().manual_seed(0))["input_ids"]
     changed = corrupted != batch["input_ids"]
     assert changed.any() and int(corrupted.max()) < size  # never an id the tokenizer does not make
+
+
+def test_a_checkpoint_whose_shared_weights_differ_is_refused():
+    """ELECTRA's generator shares the discriminator's embedding LayerNorm; a checkpoint written when it had its own
+    holds two different tensors there: resuming would silently keep one of them, so it is refused, naming both."""
+    from pretrain.errors import UserError
+
+    module = PretrainingModule(tiny_config(embedding_size=32), [ReplacedTokenDetection(MASK, SPECIAL_IDS)])
+    state = {key: value.clone() for key, value in module.state_dict().items()}
+    module.on_load_checkpoint({"state_dict": state})  # shared weights equal in the checkpoint: accepted
+    state["objectives.0.generator.embeddings.norm.weight"] += 1.0
+    with pytest.raises(UserError, match="backbone.embeddings.norm.weight and objectives.0.generator.embeddings.norm"):
+        module.on_load_checkpoint({"state_dict": state})
+
+
+def test_warmup_ratio_scales_the_warm_up_with_the_budget():
+    module = PretrainingModule(tiny_config(), [mlm()], warmup_steps=10_000, warmup_ratio=0.25, total_steps=40)
+    assert module.schedule_steps() == (10, 40)  # warmup_steps is not used
+    rates = []
+
+    class Rates(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            rates.append(pl_module.optimizers().param_groups[0]["lr"])
+
+    module = PretrainingModule(tiny_config(), [mlm()], learning_rate=1e-3, warmup_ratio=0.25)
+    trainer(8, callbacks=[Rates()]).fit(module, torch.utils.data.DataLoader(FixedBatches(make_batch("stream"), 8),
+                                                                          batch_size=None))
+    assert module.schedule_steps() == (2, 8)  # no total_steps: a quarter of the trainer's 8 steps
+    assert rates == pytest.approx([0.0, 5e-4, 1e-3, 1e-3 * 5 / 6, 1e-3 * 4 / 6, 1e-3 * 3 / 6, 1e-3 * 2 / 6, 1e-3 / 6])
+    with pytest.raises(Exception, match="warmup_ratio must be in"):
+        PretrainingModule(tiny_config(), [mlm()], warmup_ratio=1.5)
