@@ -43,6 +43,7 @@ class Settings:
     from_scratch: bool = False  # same architecture and tokenizer, random weights: the baseline
     lm_weight: float = 0.5  # causal models: weight of the auxiliary LM loss (GPT-1's lambda); 0 turns it off
     last_epoch_only: bool = False  # evaluate on dev after the last epoch only (the model kept is the last epoch's)
+    score_train: bool = False  # also score the training set with the kept model (does it fit its own data?)
 
 
 class TaskExamples(torch.utils.data.Dataset):
@@ -176,11 +177,29 @@ def finetune_once(model_path: str | Path, task: Task, labels: tuple[str, ...], t
     trainer.fit(module, *loaders)
     best_score, metrics, epoch, state = module.best
     module.load_state_dict(state)
+    scored_train = {}
+    if settings.score_train:
+        in_order = torch.utils.data.DataLoader(train_data, batch_size=settings.batch_size,
+                                               collate_fn=collate(pretrained.pad_id))
+        scored_train = {"train": evaluate(module, in_order)}
     heads = {"task": module.head}
     if lm_head is not None:  # a fine-tuned causal model still generates
         heads |= {name: lm_head for name, h in pretrained.model.heads.items() if isinstance(h, LMHead)}
     Pretrained(ModelWithHeads(module.backbone, heads), pretrained.tokenizer, task=info).save(out / "model")
-    return {"seed": seed, "best_epoch": epoch, "score": best_score, **metrics, "history": module.history}
+    return {"seed": seed, "best_epoch": epoch, "score": best_score, **metrics, "history": module.history,
+            **scored_train}
+
+
+@torch.no_grad()
+def evaluate(module: FineTuningModule, loader: torch.utils.data.DataLoader) -> dict[str, float]:
+    """The task's metrics of `module` (in eval mode: no dropout) on every example of `loader`."""
+    module.eval()
+    predictions, targets = [], []
+    for batch in loader:
+        output = module(batch)
+        predictions.append(output.float() if module.task.regression else output.argmax(-1))
+        targets.append(batch["targets"])
+    return compute_metrics(module.task.metrics, torch.cat(predictions), torch.cat(targets), module.num_labels)
 
 
 def lm_loss_note(pretrained: Pretrained, lm_weight: float) -> str:
@@ -227,8 +246,10 @@ def finetune(model_path: str | Path, task: Task, train_path: Path, dev_path: Pat
         runs.append(finetune_once(model_path, task, labels, train_data, dev_data, seed, settings,
                                   out / f"seed-{seed}"))
         best = runs[-1]
-        print(f"{task.name} seed {seed}: best epoch {best['best_epoch']}: " +
-              ", ".join(f"{m} {best[m]:.2f}" for m in task.metrics), flush=True)
+        print(f"{task.name} seed {seed}: {'epoch' if settings.last_epoch_only else 'best epoch'} "
+              f"{best['best_epoch']}: " + ", ".join(f"{m} {best[m]:.2f}" for m in task.metrics)
+              + ("; training set: " + ", ".join(f"{m} {best['train'][m]:.2f}" for m in task.metrics)
+                 if "train" in best else ""), flush=True)
     results = {"task": task.name, "model": str(model_path), "settings": asdict(settings), "runs": runs,
                "summary": summarise(runs, task.metrics)}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -140,6 +140,20 @@ def test_last_epoch_only_evaluates_once_and_keeps_the_last_epoch(model_dir, tmp_
     assert len(run["history"]) == 1 and run["best_epoch"] == 3
 
 
+def test_score_train_scores_the_kept_model_on_every_training_example(model_dir, tmp_path):
+    rows = sentiment_rows(16, 0)
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    task = Task("mine", text="text", label="label")
+    results = finetune(model_dir, task, train, train, tmp_path / "out", [1],
+                       Settings(epochs=2, batch_size=8, last_epoch_only=True, score_train=True))
+    run = results["runs"][0]
+    assert run["train"]["accuracy"] == pytest.approx(run["accuracy"])  # dev is the training file here: same score
+    model = pretrain.load(tmp_path / "out" / "seed-1" / "model")
+    predicted = model.predict([row["text"] for row in rows])
+    expected = 100 * sum(p == str(row["label"]) for p, row in zip(predicted, rows, strict=True)) / len(rows)
+    assert run["train"]["accuracy"] == pytest.approx(expected)
+
+
 def test_empty_labels_are_refused_with_their_line(tmp_path):
     path = tmp_path / "train.csv"
     path.write_text("text,label\na fine film,1\na dull film,\n")
