@@ -1,19 +1,23 @@
 """Does pretraining pay, and which objective pays most? Every arm the same backbone size, corpus, tokenizer and
-wall-clock budget; then the same fine-tuning on a low-resource task (IMDB with 1,000 labelled reviews) and a
-high-resource one (SST-2 with 5,000 sentences), three seeds each, against two from-scratch baselines.
+compute budget (wall-clock on one machine); then the same fine-tuning on a low-resource task (IMDB with 1,000
+labelled reviews) and a high-resource one (SST-2 with 5,000 sentences), three seeds each, against two from-scratch
+baselines.
 
-    python benchmarks/objectives_compared.py                      # the full comparison (about 2 h 15 min on 2 cores)
+    python benchmarks/objectives_compared.py                      # the full comparison (about 2 h 30 min on 2 cores)
     python benchmarks/objectives_compared.py --budget-minutes 3   # shorter pretraining per arm
     python benchmarks/objectives_compared.py --smoke --out runs/smoke   # minutes: tiny sizes, a few hundred rows
 
 Arms: bert (MLM + NSP, pairs), roberta (MLM, stream, whole-word masking), electra (RTD, generator 1/4 wide),
 albert (MLM + SOP, factorized E = 128, all layers shared), gpt (CLM; fine-tuned GPT-1 style), and scratch_encoder /
-scratch_decoder (the roberta and gpt architectures fine-tuned from random weights). Every arm is pretrained first
-(keep the machine quiet then: the budget is wall-clock), then fine-tuned; the dev set is scored after the last epoch
-only (the model reported is the last epoch's). Pretraining is cached in OUT: a run that is stopped and started again
-reuses every finished arm and fine-tuning. Needs ../shared/data (IMDB, GLUE).
-Writes OUT/objectives_compared.json (and, for the full run, benchmarks/results/objectives_compared.json), a PNG
-chart, and prints the table.
+scratch_decoder (the roberta and gpt architectures fine-tuned from random weights). The budget is wall-clock, turned
+into a number of steps per arm: a short calibration run measures the arm's seconds per step, and the arm then
+trains budget / that many steps, so its schedule (warm-up over `--warmup-ratio` of the steps, then linear decay to
+0, as the papers' schedules) ends where its budget does. Every arm clips gradients at 1.0. Every arm is pretrained
+first (keep the machine quiet then), then fine-tuned; the dev set is scored after the last epoch only (the model
+reported is the last epoch's), and the training set too (does the model fit its own 1,000 reviews?). Pretraining is
+cached in OUT: a run that is stopped and started again reuses every finished arm and fine-tuning. Needs
+../shared/data (IMDB, GLUE). Writes OUT/objectives_compared.json (and, for the full run,
+benchmarks/results/objectives_compared.json), a PNG chart, and prints the table.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import platform
 import random
 import statistics
@@ -31,6 +36,7 @@ import yaml
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 ARMS = ("bert", "roberta", "electra", "albert", "gpt")
 SCRATCH = {"scratch_encoder": "roberta", "scratch_decoder": "gpt"}  # baseline -> the arm whose architecture it takes
+SCRATCH_EPOCHS = 1  # the baselines fine-tune this many times the arms' epochs
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -60,9 +66,11 @@ def prepare_tasks(out: Path, train_rows: int, test_rows: int, sst2_rows: int) ->
     return tasks
 
 
-def recipe(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_minutes: float, run: Path,
-           learning_rate: float = 5e-4, precision: str | None = None) -> dict:
-    """The arm's `pretrain fit` recipe: one backbone size for all (ALBERT factorizes and shares it)."""
+def recipe(arm: str, sizes: dict, tokenizer: Path, corpus: Path, steps: int, run: Path, learning_rate: float = 5e-4,
+           warmup_ratio: float = 0.1, precision: str | None = None, guard_minutes: float | None = None) -> dict:
+    """The arm's `pretrain fit` recipe: one backbone size for all (ALBERT factorizes and shares it), `steps` steps
+    with warm-up over `warmup_ratio` of them and linear decay to 0 at the last, clipping at 1.0; `guard_minutes`
+    stops a run that takes far longer than its budget (a machine that became busy)."""
     causal = arm == "gpt"
     backbone = dict(sizes, type_vocab_size=0 if causal else 2, causal=causal, norm_position="pre" if causal else "post")
     if arm == "albert":
@@ -73,20 +81,50 @@ def recipe(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_minutes:
     entries = [{"class_path": f"objectives.{name}"} for name in objectives]
     if arm == "roberta":
         entries[0]["init_args"] = {"whole_word": True}
-    seconds = int(budget_minutes * 60)
+    trainer = {"max_steps": steps, "gradient_clip_val": 1.0, "log_every_n_steps": 10, "val_check_interval": 100_000,
+               "limit_val_batches": 0, "enable_progress_bar": False, "default_root_dir": str(run)}
+    if guard_minutes:
+        seconds = int(guard_minutes * 60)
+        trainer["max_time"] = f"00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
     return {
-        "model": {"backbone": backbone, "objectives": entries, "learning_rate": learning_rate, "warmup_steps": 100,
-                  "total_steps": 100_000},  # a budget in time, not steps: the schedule is warm-up then ~flat
+        "model": {"backbone": backbone, "objectives": entries, "learning_rate": learning_rate,
+                  "warmup_ratio": warmup_ratio, "total_steps": steps},
         "data": {"files": [str(corpus)], "clean": True, "tokenizer": str(tokenizer),
                  "layout": "pairs" if arm in ("bert", "albert") else "stream",
                  "pair_task": "sop" if arm == "albert" else "nsp", "word_starts": arm == "roberta",
                  "cls_first": not causal, "max_length": 128, "batch_size": 32, "validation_fraction": 0.005},
-        "trainer": {"max_steps": 100_000, "max_time": f"00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:"
-                                                       f"{seconds % 60:02d}",
-                    "log_every_n_steps": 10, "val_check_interval": 100_000, "limit_val_batches": 0,
-                    "enable_progress_bar": False, "default_root_dir": str(run)}
-        | ({"precision": precision} if precision else {}),
+        "trainer": trainer | ({"precision": precision} if precision else {}),
     }
+
+
+def logged(run: Path) -> list[dict]:
+    """The rows of the run's CSV log (the latest version)."""
+    versions = sorted((run / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    return list(csv.DictReader((versions[-1] / "metrics.csv").open()))
+
+
+def seconds_per_step(arm: str, sizes: dict, tokenizer: Path, corpus: Path, out: Path, **settings) -> float:
+    """The arm's seconds per training step on this machine: the median of the tokens/s logged over 40 steps
+    (windows of 10 after the first step), read back from a finished calibration. Also builds the arm's examples
+    cache, which the real run then reads."""
+    run = out / "calibrate" / arm
+    path = run / "seconds_per_step.json"
+    if path.is_file():
+        return json.loads(path.read_text())["seconds_per_step"]
+    settings = recipe(arm, sizes, tokenizer, corpus, 41, run, **settings)
+    settings["trainer"]["log_every_n_steps"] = 1
+    settings["throughput"] = {"window": 10}
+    recipe_path = out / "recipes" / f"{arm}-calibrate.yaml"
+    recipe_path.parent.mkdir(parents=True, exist_ok=True)
+    recipe_path.write_text(yaml.safe_dump(settings))
+    from pretrain.cli import main
+
+    if main(["fit", "-c", str(recipe_path)]) != 0:
+        raise SystemExit(f"calibrating {arm} failed (recipe: {recipe_path})")
+    rates = [float(r["train/tokens_per_sec"]) for r in logged(run) if r.get("train/tokens_per_sec")]
+    value = 32 * 128 / statistics.median(rates)
+    write_summary(path, {"seconds_per_step": value, "tokens_per_sec": rates})
+    return value
 
 
 def training_flops(recipe_path: Path, tokens: int) -> float:
@@ -112,38 +150,55 @@ def write_summary(path: Path, summary: dict) -> None:
     write_atomically(path, lambda file: file.write((json.dumps(summary, indent=2) + "\n").encode()))
 
 
+def last_values(rows: list[dict], key: str, share: float = 0.1) -> float | None:
+    """The mean of `key` over the last `share` of the logged steps (a per-step value is noisy)."""
+    values = [float(r[key]) for r in rows if r.get(key)]
+    return statistics.mean(values[-max(1, int(share * len(values))):]) if values else None
+
+
 def pretrain_arm(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_minutes: float, out: Path,
                  **settings) -> dict:
-    """Pretrain once (cached: a finished arm is read back); steps, tokens, seconds, final training loss, FLOPs."""
+    """Pretrain once (cached: a finished arm is read back): steps (the budget over the calibrated seconds per step),
+    tokens, seconds, FLOPs and, over the last 10 % of the steps, each logged loss and accuracy (ELECTRA's
+    discriminator on replaced and on original tokens, and its base rate)."""
     from pretrain.cli import main
 
     run = out / "pretrain" / arm
     summary_path = run / "summary.json"
     recipe_path = out / "recipes" / f"{arm}.yaml"
     if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        if "flops" not in summary:  # a run cached before FLOPs were counted
-            summary["flops"] = training_flops(recipe_path, summary["tokens"])
-            write_summary(summary_path, summary)
-        return summary
+        return json.loads(summary_path.read_text())
+    per_step = seconds_per_step(arm, sizes, tokenizer, corpus, out, **settings)
+    steps = max(20, int(budget_minutes * 60 / per_step))
     recipe_path.parent.mkdir(parents=True, exist_ok=True)
-    recipe_path.write_text(yaml.safe_dump(recipe(arm, sizes, tokenizer, corpus, budget_minutes, run, **settings)))
+    recipe_path.write_text(yaml.safe_dump(recipe(arm, sizes, tokenizer, corpus, steps, run, **settings,
+                                                 guard_minutes=3 * budget_minutes + 2)))
     if main(["fit", "-c", str(recipe_path)]) != 0:
         raise SystemExit(f"pretraining {arm} failed (recipe: {recipe_path})")
-    rows = [row for row in csv.DictReader((run / "logs" / "version_0" / "metrics.csv").open())]
-    losses = [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
+    rows = logged(run)
     timing = [float(r["train/tokens_per_sec"]) for r in rows if r.get("train/tokens_per_sec")]
-    steps = int(max(int(r["step"]) for r in rows)) + 1
-    tokens = steps * 32 * 128
-    summary = {"steps": steps, "tokens": tokens, "seconds": round(tokens / statistics.median(timing), 1) if timing
-               else None, "final_loss": losses[-1][1] if losses else None,
-               "flops": training_flops(recipe_path, tokens)}
+    done = int(max(int(r["step"]) for r in rows)) + 1
+    tokens = done * 32 * 128
+    keys = sorted({k for r in rows for k in r if k.startswith("train/") and k.endswith(("loss", "accuracy",
+                                                                                       "fraction", "similarity"))})
+    final = {key.removeprefix("train/"): last_values(rows, key) for key in keys}
+    summary = {"steps": done, "planned_steps": steps, "seconds_per_step_calibrated": round(per_step, 3),
+               "tokens": tokens, "seconds": round(tokens / statistics.median(timing), 1) if timing else None,
+               "final_loss": final.get("loss"), "final": final, "flops": training_flops(recipe_path, tokens)}
+    if "rtd_replaced_fraction" in final:  # saying "original" everywhere scores the replaced fraction's entropy
+        p = final["rtd_replaced_fraction"]
+        summary["rtd_base_rate"] = -(p * math.log(p) + (1 - p) * math.log(1 - p))
     write_summary(summary_path, summary)
     return summary
 
 
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "seeds": values}
+
+
 def fine_tune(arm: str, checkpoint: Path, task: str, files: tuple[Path, Path, int], seeds: list[int], out: Path,
               epochs: int, from_scratch: bool) -> dict:
+    """Dev accuracy after the last epoch, and the training set's accuracy with the same model, over the seeds."""
     from pretrain.downstream.finetune import Settings, finetune
     from pretrain.downstream.tasks import Task
 
@@ -153,13 +208,35 @@ def fine_tune(arm: str, checkpoint: Path, task: str, files: tuple[Path, Path, in
     else:
         train, dev, length = files
         settings = Settings(epochs=epochs, learning_rate=1e-4, batch_size=32, max_length=length,
-                            from_scratch=from_scratch, last_epoch_only=True)
+                            from_scratch=from_scratch, last_epoch_only=True, score_train=True)
         results = finetune(checkpoint, Task(task, text="text", label="label", labels=("0", "1")), train, dev,
                            results_path.parent, seeds, settings)
     # the last epoch's accuracy, not the best epoch's: choosing an epoch on the scored set would flatter every arm
-    accuracies = [run["history"][-1]["accuracy"] for run in results["runs"]]
-    return {"median": statistics.median(accuracies), "min": min(accuracies), "max": max(accuracies),
-            "seeds": accuracies}
+    return spread([run["history"][-1]["accuracy"] for run in results["runs"]]) | {
+        "epochs": results["settings"]["epochs"], "train": spread([run["train"]["accuracy"] for run in results["runs"]])}
+
+
+def table(results: dict) -> str:
+    """Per arm: pretraining (steps, tokens, TFLOP, seconds, final loss) and each task's dev accuracy (median [min,
+    max] over seeds) with the training set's median beside it; then ELECTRA's discriminator against its base rate."""
+    lines = [f"{'arm':<16}{'steps':>6}{'tokens':>10}{'TFLOP':>6}{'seconds':>8}{'loss':>7}   "
+             f"{'IMDB-1k dev med [min, max]':<27}{'train':>6}   {'SST-2-5k dev med [min, max]':<27}{'train':>6}"]
+    for arm, entry in results["arms"].items():
+        p = entry.get("pretrain", {})
+        cells = "   ".join(f"{e['median']:6.2f} [{e['min']:.2f}, {e['max']:.2f}]".ljust(27)
+                           + f"{e['train']['median']:6.2f}" for e in (entry["imdb_1k"], entry["sst2_5k"]))
+        flops = f"{p['flops'] / 1e12:.0f}" if "flops" in p else "-"
+        lines.append(f"{arm:<16}{p.get('steps', '-'):>6}{p.get('tokens', '-'):>10}{flops:>6}"
+                     f"{p.get('seconds') or '-':>8}{p.get('final_loss') or float('nan'):7.2f}   {cells}")
+    electra = results["arms"].get("electra", {}).get("pretrain", {})
+    if "rtd_base_rate" in electra:
+        final = electra["final"]
+        lines.append(f"electra's discriminator over its last 10 % of steps: loss {final['rtd_discriminator_loss']:.3f} "
+                     f"against a base rate of {electra['rtd_base_rate']:.3f} (replaced fraction "
+                     f"{final['rtd_replaced_fraction']:.3f}); accuracy on replaced tokens "
+                     f"{final['rtd_replaced_accuracy']:.3f}, on original ones {final['rtd_original_accuracy']:.3f}; "
+                     f"token-state similarity {final['rtd_token_similarity']:.3f}")
+    return "\n".join(lines)
 
 
 def chart(results: dict, path: Path) -> None:
@@ -188,6 +265,7 @@ def main() -> None:
     parser.add_argument("--budget-minutes", type=float, default=8.0, help="pretraining wall-clock per arm")
     parser.add_argument("--out", type=Path, default=Path("runs/objectives_compared"))
     parser.add_argument("--learning-rate", type=float, default=5e-4, help="pretraining's peak, every arm")
+    parser.add_argument("--warmup-ratio", type=float, default=0.1, help="pretraining's warm-up share, every arm")
     parser.add_argument("--precision", help="pretraining's, e.g. bf16-mixed on a GPU (default: the trainer's, 32)")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and data: checks the script in minutes")
@@ -216,6 +294,7 @@ def main() -> None:
     tasks = prepare_tasks(out, 200 if smoke else 1000, 100 if smoke else 5000, 300 if smoke else 5000)
     seeds = [int(seed) for seed in args.seeds.split(",")]
     epochs = {"imdb_1k": 1 if smoke else 3, "sst2_5k": 1 if smoke else 3}
+    scratch_epochs = {task: n * SCRATCH_EPOCHS for task, n in epochs.items()}
     results = {"budget_minutes": budget, "machine": f"{platform.machine()}, {platform.processor() or 'CPU'}, "
                                                      f"torch threads {__import__('torch').get_num_threads()}",
                "arms": {}}
@@ -223,14 +302,15 @@ def main() -> None:
     # a baseline takes its architecture and tokenizer from its arm's checkpoint: that arm is pretrained too
     needed = {SCRATCH.get(arm, arm) for arm in args.arms}
     pretrained = {arm: pretrain_arm(arm, sizes, tokenizer, corpus, budget, out, learning_rate=args.learning_rate,
-                                    precision=args.precision)
+                                    warmup_ratio=args.warmup_ratio, precision=args.precision)
                   for arm in ARMS if arm in needed}
     for arm in args.arms:
         source = SCRATCH.get(arm, arm)
         checkpoint = out / "pretrain" / source / "checkpoints" / "last.ckpt"
         entry = {} if arm in SCRATCH else {"pretrain": pretrained[arm]}
         for task, files in tasks.items():
-            entry[task] = fine_tune(arm, checkpoint, task, files, seeds, out, epochs[task], arm in SCRATCH)
+            entry[task] = fine_tune(arm, checkpoint, task, files, seeds, out,
+                                    (scratch_epochs if arm in SCRATCH else epochs)[task], arm in SCRATCH)
         results["arms"][arm] = entry
     if set(args.arms) != {*ARMS, *SCRATCH}:
         print(f"done: {', '.join(args.arms)}; run every arm (cached ones are read back) for the JSON and the table")
@@ -243,15 +323,7 @@ def main() -> None:
         target.write_text(json.dumps(results, indent=2) + "\n")
         chart(results, target.with_suffix(".png"))
     chart(results, out / "objectives_compared.png")
-    print(f"{'arm':<16}{'steps':>7}{'tokens':>12}{'TFLOP':>7}{'seconds':>9}{'loss':>7}   "
-          f"{'IMDB-1k med [min, max]':<24}{'SST-2-5k med [min, max]':<24}")
-    for arm, entry in results["arms"].items():
-        p = entry.get("pretrain", {})
-        cells = "".join(f"{e['median']:6.2f} [{e['min']:.2f}, {e['max']:.2f}]".ljust(24)
-                        for e in (entry["imdb_1k"], entry["sst2_5k"]))
-        flops = f"{p['flops'] / 1e12:.0f}" if "flops" in p else "-"
-        print(f"{arm:<16}{p.get('steps', '-'):>7}{p.get('tokens', '-'):>12}{flops:>7}{p.get('seconds') or '-':>9}"
-              f"{p.get('final_loss') or float('nan'):7.2f}   {cells}")
+    print(table(results))
     print(f"written: {out / 'objectives_compared.json'}, {out / 'objectives_compared.png'}")
 
 

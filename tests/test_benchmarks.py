@@ -55,9 +55,16 @@ def test_the_objectives_comparison_runs_end_to_end_on_a_tiny_budget(tmp_path):
                                      "scratch_decoder"]
     for arm, entry in results["arms"].items():
         assert set(entry) == ({"imdb_1k", "sst2_5k"} | (set() if arm.startswith("scratch") else {"pretrain"}))
-        assert all(set(entry[t]) == {"median", "min", "max", "seeds"} for t in ("imdb_1k", "sst2_5k"))
-        if "pretrain" in entry:
-            assert entry["pretrain"]["steps"] > 0 and entry["pretrain"]["tokens"] > 0
+        for task in ("imdb_1k", "sst2_5k"):
+            assert set(entry[task]) == {"median", "min", "max", "seeds", "epochs", "train"}
+            assert 0 <= entry[task]["train"]["median"] <= 100  # the training set scored beside dev
+        if "pretrain" in entry:  # a step budget from the calibrated speed, every step of it run
+            assert entry["pretrain"]["steps"] == entry["pretrain"]["planned_steps"] >= 20
+            assert entry["pretrain"]["tokens"] > 0 and entry["pretrain"]["seconds_per_step_calibrated"] > 0
+    electra = results["arms"]["electra"]["pretrain"]
+    assert {"rtd_replaced_accuracy", "rtd_original_accuracy", "rtd_token_similarity"} <= set(electra["final"])
+    assert 0 < electra["rtd_base_rate"] < 0.7
+    assert "electra's discriminator over its last 10 % of steps" in process.stdout
     assert (tmp_path / "objectives_compared.png").read_bytes()[:4] == b"\x89PNG"
 
 
