@@ -6,6 +6,7 @@ from models.heads import (
     Head,
     LastTokenClassifier,
     LMHead,
+    MeanPoolingClassifier,
     ModelWithHeads,
     Pooler,
     SequenceHead,
@@ -18,6 +19,6 @@ from models.transformer import Transformer
 
 __all__ = [
     "PRESETS", "TransformerConfig", "Transformer", "Head", "LMHead", "Pooler", "ClassificationHead", "SequenceHead",
-    "LastTokenClassifier", "TokenScorer",
+    "LastTokenClassifier", "MeanPoolingClassifier", "TokenScorer",
     "ModelWithHeads", "head_spec", "build_head", "from_hf", "to_hf",
 ]

@@ -157,6 +157,19 @@ def last_token(hidden_states: Tensor, attention_mask: Tensor | None) -> Tensor:
     return hidden_states[torch.arange(len(hidden_states), device=hidden_states.device), last]
 
 
+class MeanPoolingClassifier(SequenceHead):
+    """Dropout and a linear classifier on the mean of each row's hidden states over its real tokens (the read-out of
+    sentence-transformers). Every token's state reaches the loss directly, so an encoder whose [CLS] has learnt
+    nothing yet (random weights, a short pretraining) still fits: a post-LN encoder's [CLS] states start nearly
+    identical for every input (mean cosine 0.9999 at initialisation) and move slowly. (B, T, H) -> (B, labels)"""
+
+    def pool(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        if attention_mask is None:
+            return hidden_states.mean(dim=1)
+        weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)  # (B, T, 1)
+        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
 class LastTokenClassifier(SequenceHead):
     """GPT-1's task head: dropout and a linear classifier on the hidden state of each row's last real token (the
     extract token), the one position a causal model has let see the whole input. (B, T, H) -> (B, labels)"""

@@ -159,6 +159,10 @@ def add_finetune_options(command: argparse.ArgumentParser) -> None:
                          help="causal models: weight of the auxiliary language-model loss (GPT-1: 0.5; 0: off)")
     command.add_argument("--last-epoch-only", action="store_true",
                          help="evaluate on dev after the last epoch only and keep that model (not the best epoch's)")
+    command.add_argument("--pooling", choices=("cls", "mean"), default="cls",
+                         help="an encoder's read-out: [CLS] through BERT's pooler (default), or the mean of the "
+                              "real tokens' states (fits where [CLS] has learnt nothing yet: random weights, a short "
+                              "pretraining)")
     command.add_argument("--score-train", action="store_true",
                          help="also score the training set with the kept model (a model near chance on its own "
                               "training data underfits: more epochs or a higher learning rate)")
@@ -180,7 +184,7 @@ def finetune_settings(args: argparse.Namespace):
     args.out.mkdir(parents=True, exist_ok=True)
     return seeds, Settings(args.epochs, args.learning_rate, args.batch_size, args.max_length, args.weight_decay,
                            args.warmup_ratio, args.from_scratch, args.lm_weight, args.last_epoch_only,
-                           args.score_train)
+                           args.score_train, args.pooling)
 
 
 def finetune_command(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ import logging
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
@@ -20,6 +21,7 @@ from models import (
     ClassificationHead,
     LastTokenClassifier,
     LMHead,
+    MeanPoolingClassifier,
     ModelWithHeads,
     SequenceHead,
     Transformer,
@@ -29,6 +31,7 @@ from models import (
 from pretrain.downstream.inputs import Row, task_batch, task_output
 from pretrain.downstream.pretrained import Pretrained, load
 from pretrain.downstream.tasks import Task, compute_metrics, label_ids, read_examples, score
+from pretrain.errors import UserError
 from pretrain.training.optim import build_optimizer, schedule_factor
 
 
@@ -44,6 +47,7 @@ class Settings:
     lm_weight: float = 0.5  # causal models: weight of the auxiliary LM loss (GPT-1's lambda); 0 turns it off
     last_epoch_only: bool = False  # evaluate on dev after the last epoch only (the model kept is the last epoch's)
     score_train: bool = False  # also score the training set with the kept model (does it fit its own data?)
+    pooling: Literal["cls", "mean"] = "cls"  # an encoder's read-out: [CLS] through BERT's pooler, or the mean state
 
 
 class TaskExamples(torch.utils.data.Dataset):
@@ -131,18 +135,20 @@ def label_set(task: Task, train_labels: list[str]) -> tuple[str, ...]:
     return task.labels or tuple(sorted(set(train_labels)))
 
 
-def task_model(pretrained: Pretrained, num_labels: int, from_scratch: bool
+def task_model(pretrained: Pretrained, num_labels: int, from_scratch: bool, pooling: str = "cls"
                ) -> tuple[Transformer, SequenceHead, LMHead | None]:
     """The backbone to fine-tune (the pretrained one, or random weights of the same architecture: the baseline), a
     new task head, and for a causal model its LM head on that backbone (for the auxiliary loss; None if it has none).
-    An encoder's head reads [CLS] (starting from BERT's or ALBERT's trained NSP/SOP pooler where there is one), a
-    causal model's the last real token (GPT-1)."""
+    An encoder's head reads [CLS] (starting from BERT's or ALBERT's trained NSP/SOP pooler where there is one) or,
+    with `pooling="mean"`, the mean of its real tokens' states; a causal model's the last real token (GPT-1)."""
     backbone = Transformer(pretrained.config) if from_scratch else pretrained.model.backbone
     heads = pretrained.model.heads.values()
     if pretrained.config.causal:
         source = next((h for h in heads if isinstance(h, LMHead)), None)
         lm_head = source if source is None or not from_scratch else build_head(head_spec(source), backbone)
         return backbone, LastTokenClassifier(backbone, num_labels=num_labels), lm_head
+    if pooling == "mean":
+        return backbone, MeanPoolingClassifier(backbone, num_labels=num_labels), None
     head = ClassificationHead(backbone, num_labels=num_labels)
     source = next((h for h in heads if isinstance(h, ClassificationHead)), None)
     if source is not None and not from_scratch:
@@ -162,7 +168,7 @@ def finetune_once(model_path: str | Path, task: Task, labels: tuple[str, ...], t
     if pretrained.config.causal:
         info |= {"gpt_tokens": pretrained.gpt_tokens()[0], "symmetric": symmetric(task)}
     num_labels = 1 if task.regression else len(labels)
-    backbone, head, lm_head = task_model(pretrained, num_labels, settings.from_scratch)
+    backbone, head, lm_head = task_model(pretrained, num_labels, settings.from_scratch, settings.pooling)
     loaders = [torch.utils.data.DataLoader(data, batch_size=settings.batch_size, shuffle=shuffle,
                                            collate_fn=collate(pretrained.pad_id),
                                            generator=torch.Generator().manual_seed(seed))
@@ -227,6 +233,9 @@ def finetune(model_path: str | Path, task: Task, train_path: Path, dev_path: Pat
     for name in ("pytorch_lightning", "lightning_fabric"):  # one line per seed is enough
         logging.getLogger(name).setLevel(logging.WARNING)
     pretrained = load(model_path)  # the data are read and tokenized once for all seeds
+    if pretrained.config.causal and settings.pooling != "cls":
+        raise UserError(f"--pooling {settings.pooling} is for encoders: a causal model is read at its last real token, "
+                        "the one position that has seen the whole input (GPT-1); leave --pooling out")
     gpt_tokens = None
     if pretrained.config.causal:
         gpt_tokens, added = pretrained.gpt_tokens()

@@ -154,6 +154,38 @@ def test_score_train_scores_the_kept_model_on_every_training_example(model_dir, 
     assert run["train"]["accuracy"] == pytest.approx(expected)
 
 
+def test_mean_pooling_reads_every_real_token_and_no_padding():
+    from models import MeanPoolingClassifier, Transformer
+
+    head = MeanPoolingClassifier(Transformer(tiny_config()), num_labels=3)
+    states = torch.randn(2, 5, 64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    pooled = head.pool(states, mask)
+    assert torch.allclose(pooled[0], states[0, :3].mean(0)) and torch.allclose(pooled[1], states[1].mean(0))
+    padded = states.clone()
+    padded[0, 3:] = 100.0  # what the padding positions hold changes nothing
+    assert torch.equal(head.pool(padded, mask), pooled)
+
+
+def test_mean_pooling_fine_tunes_saves_and_predicts(model_dir, tmp_path):
+    rows = sentiment_rows(32, 0)
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    task = Task("mine", text="text", label="label")
+    results = finetune(model_dir, task, train, train, tmp_path / "out", [1],
+                       Settings(epochs=4, batch_size=8, learning_rate=1e-3, pooling="mean", score_train=True))
+    assert results["settings"]["pooling"] == "mean" and results["runs"][0]["train"]["accuracy"] == 100.0
+    model = pretrain.load(tmp_path / "out" / "seed-1" / "model")
+    assert type(model.model.heads["task"]).__name__ == "MeanPoolingClassifier"  # rebuilt as it was trained
+    assert model.predict([row["text"] for row in rows]) == [str(row["label"]) for row in rows]
+
+
+def test_mean_pooling_is_refused_for_a_causal_model(causal_dir, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(8, 0))
+    with pytest.raises(UserError, match="--pooling mean is for encoders"):
+        finetune(causal_dir, Task("mine", text="text", label="label"), train, train, tmp_path / "out", [1],
+                 Settings(epochs=1, pooling="mean"))
+
+
 def test_empty_labels_are_refused_with_their_line(tmp_path):
     path = tmp_path / "train.csv"
     path.write_text("text,label\na fine film,1\na dull film,\n")
