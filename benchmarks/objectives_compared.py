@@ -162,6 +162,7 @@ def pretrain_arm(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_mi
     tokens, seconds, FLOPs and, over the last 10 % of the steps, each logged loss and accuracy (ELECTRA's
     discriminator on replaced and on original tokens, and its base rate)."""
     from pretrain.cli import main
+    from pretrain.training.checkpoints import read_checkpoint
 
     run = out / "pretrain" / arm
     summary_path = run / "summary.json"
@@ -177,7 +178,7 @@ def pretrain_arm(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_mi
         raise SystemExit(f"pretraining {arm} failed (recipe: {recipe_path})")
     rows = logged(run)
     timing = [float(r["train/tokens_per_sec"]) for r in rows if r.get("train/tokens_per_sec")]
-    done = int(max(int(r["step"]) for r in rows)) + 1
+    done = read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"]  # the log has every 10th step only
     tokens = done * 32 * 128
     keys = sorted({k for r in rows for k in r if k.startswith("train/") and k.endswith(("loss", "accuracy",
                                                                                        "fraction", "similarity"))})

@@ -56,7 +56,8 @@ def test_every_recipe_parses_and_builds_its_model(recipe, tmp_path):
     assert len(checkpointing) == 1 and Path(checkpointing[0].dirpath) == tmp_path / "runs" / "checkpoints"
     full = recipe.parent == CONFIGS and recipe.stem != "quickstart"
     assert cli.model.hparams.compile == full
-    assert cli.trainer.gradient_clip_val == (1.0 if full else None)
+    clip = (yaml.safe_load(recipe.read_text()).get("trainer") or {}).get("gradient_clip_val")
+    assert cli.trainer.gradient_clip_val == clip and (clip == 1.0 or not full)  # every full recipe clips at 1.0
     bar = cli.trainer.progress_bar_callback  # refreshed (a host sync) only at the logging steps
     assert isinstance(bar, TQDMProgressBar) and bar.refresh_rate == cli.trainer.log_every_n_steps
 
