@@ -314,20 +314,42 @@ def evaluate_command(args: argparse.Namespace) -> None:
     print(f"perplexity {value:.3f} over {tokens:,} tokens of {args.data}")
 
 
+def interrupted(cli, argv: list[str]) -> int:
+    """0 for a run that ended as planned; for one a signal ended (`Checkpoints.interrupted`), what was saved and how
+    to go on, and 128 + the signal's number (the shell's convention: 130 for Ctrl-C, 143 for SIGTERM)."""
+    import shlex
+    import signal
+
+    from pretrain.training.checkpoints import Checkpoints
+
+    trainer = getattr(cli, "trainer", None)
+    found = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, Checkpoints)]
+    if not found or found[0].interrupted is None:
+        return 0
+    name, step = found[0].interrupted
+    if trainer.is_global_zero:
+        kept = [a for i, a in enumerate(argv)
+                if not (a.startswith("--ckpt_path") or i and argv[i - 1] == "--ckpt_path")]
+        print(f"interrupted ({name}) at step {step}: saved {found[0].last}; resume with: pretrain "
+              f"{shlex.join([*kept, '--ckpt_path', 'last'])}", file=sys.stderr, flush=True)
+    return 128 + getattr(signal, name, signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     rest = [a for a in argv if a != "--debug"]
     if rest and rest[0] in LIGHTNING_COMMANDS:
         debug = len(rest) < len(argv)
         try:
-            lightning_cli(rest)
+            cli = lightning_cli(rest)
         except (UserError, ValueError, OSError) as error:  # ValueError: a config the models/objectives refuse;
             # OSError: the machine refused (a file unreadable, a directory not writable): not a bug of ours
             if debug:
                 raise
             print(f"error: {error}", file=sys.stderr)
             return 2
-        return 0
+        return interrupted(cli, rest)
+
     args = parser().parse_args(argv)
     try:
         if args.command == "tokenizer":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -19,7 +20,17 @@ from pretrain.data.packing import pack_stream, tokenize, tokenized_batches
 from pretrain.data.pairs import VERSION as PAIRS_VERSION
 from pretrain.data.pairs import pair_dataset, pair_parts
 from pretrain.data.streaming import PairLayout, StreamingExamples, StreamLayout
-from pretrain.data.tokenizer import TokenizerKind, load_tokenizer, size_note, special_ids, train_tokenizer_on_files
+from pretrain.data.tokenizer import (
+    TokenizerKind,
+    corpus_files,
+    describe_files,
+    load_tokenizer,
+    provenance_mismatch,
+    read_provenance,
+    size_note,
+    special_ids,
+    train_tokenizer_on_files,
+)
 from pretrain.errors import UserError
 
 
@@ -28,6 +39,14 @@ def in_validation(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray
     and the streaming paths, which see documents in the same order, split them identically."""
     hashed = (indices.astype(np.uint64) * np.uint64(2654435761) + np.uint64(seed * 97 + 13)) % np.uint64(2**32)
     return hashed.astype(np.float64) / 2**32 < fraction
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """A loader worker leaves Ctrl-C (which the terminal sends to every process of the run) and SLURM's warning
+    signal to the main process, which stops the run after the step in progress and needs its workers until then."""
+    for name in ("SIGINT", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class ArrayExamples(torch.utils.data.Dataset):
@@ -119,7 +138,11 @@ class PretrainingDataModule(pl.LightningDataModule):
             this many items (0: in corpus order); every epoch is reshuffled. (The cached path shuffles whole epochs.)
         num_proc: processes that build the examples cache (datasets.map).
         train_tokenizer: when `tokenizer` does not exist yet, train one of this kind (wordpiece, bpe, unigram) with
-            `tokenizer_vocab_size` tokens on `files` and save it there; an existing tokenizer is used as it is.
+            `tokenizer_vocab_size` tokens on `files` and save it there, with a record of what it was trained on
+            (`tokenizer.trained_on.json`). A tokenizer found there with a record is used only for the corpus and
+            settings it was trained with; one without a record (trained elsewhere) is used as it is.
+        reuse_tokenizer: use the tokenizer found at `tokenizer` even though it was trained on another corpus or
+            with other settings (continuing on new text with an existing vocabulary, on purpose).
     """
 
     def __init__(
@@ -147,6 +170,7 @@ class PretrainingDataModule(pl.LightningDataModule):
         seed: int = 0,
         train_tokenizer: TokenizerKind | None = None,
         tokenizer_vocab_size: int = 8000,
+        reuse_tokenizer: bool = False,
     ):
         super().__init__()
         if word_starts and layout != "stream":
@@ -157,17 +181,7 @@ class PretrainingDataModule(pl.LightningDataModule):
         if not 0.0 <= validation_fraction < 1.0:
             raise UserError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
         self.save_hyperparameters()
-        if train_tokenizer and not Path(tokenizer).exists():
-            # once: processes started together (torchrun, SLURM, runs sharing a tokenizer) wait for the first
-            with file_lock(Path(tokenizer).with_name(f".{Path(tokenizer).name}.lock")):
-                if not Path(tokenizer).exists():
-                    print(f"training a {train_tokenizer} tokenizer ({tokenizer_vocab_size:,} tokens) on {files}: "
-                          f"{tokenizer} (once; later runs read it)", flush=True)
-                    trained, _ = train_tokenizer_on_files(files, train_tokenizer, tokenizer_vocab_size, tokenizer,
-                                                          text_field, documents_by, clean,
-                                                          cache_dir=Path(cache_dir) / "datasets")
-                    print(f"wrote {tokenizer}: {trained.get_vocab_size():,} tokens"
-                          + size_note(trained, tokenizer_vocab_size), flush=True)
+        self.tokenizer_origin = self._tokenizer_ready()
         self.tokenizer = load_tokenizer(tokenizer)
         self.special = special_ids(self.tokenizer)
         if self.special.sep is None and self.special.eos is None:
@@ -175,6 +189,44 @@ class PretrainingDataModule(pl.LightningDataModule):
         self.datasets: dict[str, torch.utils.data.Dataset] = {}
         self.position = {"epoch": 0, "batches": 0}  # training batches this rank consumed in this epoch
         self._resume_from: dict[str, int] | None = None
+
+    def _tokenizer_ready(self) -> str:
+        """Train the tokenizer if it is to be trained and is not there yet; check that one found there was trained on
+        this corpus. Says which it is, and returns it in words."""
+        hp = self.hparams
+        path = Path(hp.tokenizer)
+        if hp.train_tokenizer and not path.exists():
+            # once: processes started together (torchrun, SLURM, runs sharing a tokenizer) wait for the first
+            with file_lock(path.with_name(f".{path.name}.lock")):
+                if not path.exists():
+                    print(f"training a {hp.train_tokenizer} tokenizer ({hp.tokenizer_vocab_size:,} tokens) on "
+                          f"{describe_files(corpus_files(resolve_files(hp.files)))} -> {path}", flush=True)
+                    trained, _ = train_tokenizer_on_files(hp.files, hp.train_tokenizer, hp.tokenizer_vocab_size, path,
+                                                          hp.text_field, hp.documents_by, hp.clean,
+                                                          cache_dir=Path(hp.cache_dir) / "datasets")
+                    origin = f"trained now: {trained.get_vocab_size():,} tokens" + size_note(
+                        trained, hp.tokenizer_vocab_size)
+                    print(f"tokenizer: {path} ({origin})", flush=True)
+                    return origin
+        record = read_provenance(path) if path.is_file() else None
+        if record is None:
+            origin = "given: trained elsewhere, no record of its corpus" if path.exists() else "missing"
+        else:
+            wanted = {"text_field": hp.text_field, "clean": hp.clean}
+            if hp.train_tokenizer:
+                wanted |= {"kind": hp.train_tokenizer, "vocab_size": hp.tokenizer_vocab_size}
+            mismatch = provenance_mismatch(record, resolve_files(hp.files), wanted)
+            if mismatch and not hp.reuse_tokenizer:
+                raise UserError(
+                    f"the tokenizer {path} was trained for something else: {mismatch}. Give a new path to train one "
+                    f"for this run (--data.tokenizer runs/tokenizers/NAME/tokenizer.json), or use this one on purpose "
+                    f"with --data.reuse_tokenizer true")
+            origin = (f"reused on purpose (reuse_tokenizer), trained for something else: {mismatch}" if mismatch else
+                      f"reused: trained on this corpus ({describe_files(record['files'])}), {record['tokens']:,} "
+                      "tokens")
+        if origin != "missing":
+            print(f"tokenizer: {path} ({origin})", flush=True)
+        return origin
 
     @property
     def vocab_size(self) -> int:
@@ -320,6 +372,7 @@ class PretrainingDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(self.hparams.seed), drop_last=drop_last,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,  # a streaming worker's copy counts its epochs, drops its resume skip
+            worker_init_fn=ignore_interrupts if workers > 0 else None,
         )
 
     def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:

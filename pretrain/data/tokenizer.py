@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -110,8 +112,9 @@ def train_tokenizer_on_files(
     documents_by: str = "paragraph", clean: bool = False, lowercase: bool = True, cache_dir: str | Path | None = None,
 ) -> tuple[Tokenizer, int]:
     """Train on corpus files (see `pretrain.corpus.load_corpus`) and save to `target`, a tokenizer.json path that
-    must not exist yet. Returns the tokenizer and the number of documents it was trained on."""
-    from pretrain.data.corpus import load_corpus
+    must not exist yet, with the record of what it was trained on beside it (`provenance_path`). Returns the
+    tokenizer and the number of documents it was trained on."""
+    from pretrain.data.corpus import load_corpus, resolve_files
 
     target = Path(target)
     if target.exists():
@@ -119,10 +122,72 @@ def train_tokenizer_on_files(
     corpus = load_corpus(files, text_field, documents_by, clean, cache_dir)
     tokenizer = train_tokenizer(corpus["text"], kind, vocab_size, lowercase=lowercase)
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    record = {"kind": kind, "vocab_size": vocab_size, "tokens": tokenizer.get_vocab_size(), "documents": len(corpus),
+              "text_field": text_field, "documents_by": documents_by, "clean": clean, "lowercase": lowercase,
+              "files": corpus_files(resolve_files(files))}
+    partial, partial_record = (target.with_name(f".{target.name}.{part}-{os.getpid()}")
+                               for part in ("partial", "record"))
+    partial_record.write_text(json.dumps(record, indent=1) + "\n")
     tokenizer.save(str(partial))
-    os.replace(partial, target)  # complete or absent: another process never reads half a file
+    # complete or absent: another process never reads half a file; the record first, so a tokenizer has one
+    os.replace(partial_record, provenance_path(target))
+    os.replace(partial, target)
     return tokenizer, len(corpus)
+
+
+# What a tokenizer was trained on: each file's size and a hash of its first 64 KiB (cheap for any corpus, and the
+# same for a copy of the file elsewhere), and the settings that change which tokens it learns.
+HASHED_BYTES = 1 << 16
+SETTINGS_THAT_MATTER = ("kind", "vocab_size", "text_field", "clean", "lowercase")
+
+
+def provenance_path(tokenizer: str | Path) -> Path:
+    """The record beside a trained tokenizer: DIR/tokenizer.json -> DIR/tokenizer.trained_on.json."""
+    tokenizer = Path(tokenizer)
+    return tokenizer.with_name(f"{tokenizer.stem}.trained_on.json")
+
+
+def corpus_files(files: Sequence[Path]) -> list[dict]:
+    """Each corpus file (a `save_to_disk` directory: its data files) as {"path", "bytes", "head_sha256"}."""
+    listed = []
+    for path in files:
+        parts = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for part in parts:
+            with open(part, "rb") as handle:
+                head = hashlib.sha256(handle.read(HASHED_BYTES)).hexdigest()
+            listed.append({"path": str(part.resolve()), "bytes": part.stat().st_size, "head_sha256": head})
+    return listed
+
+
+def read_provenance(tokenizer: str | Path) -> dict | None:
+    """The record of what the tokenizer at this path was trained on; None where there is none (a tokenizer
+    trained elsewhere, or by an earlier version)."""
+    path = provenance_path(tokenizer)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON ({error}); remove it to use the tokenizer without its "
+                        "record") from None
+
+
+def describe_files(files: list[dict]) -> str:
+    size = sum(f["bytes"] for f in files)
+    names = ", ".join(Path(f["path"]).name for f in files[:3]) + (", ..." if len(files) > 3 else "")
+    return f"{len(files)} file{'s' if len(files) != 1 else ''}, {size / 1e6:,.1f} MB: {names}"
+
+
+def provenance_mismatch(record: dict, files: Sequence[Path], wanted: dict) -> str | None:
+    """How this run's corpus (`files`) and tokenizer settings (`wanted`: any of SETTINGS_THAT_MATTER) differ from
+    what the tokenizer was trained on; None where they do not."""
+    different = [f"{key} {record.get(key)!r} (this run's: {wanted[key]!r})" for key in SETTINGS_THAT_MATTER
+                 if key in wanted and record.get(key) != wanted[key]]
+    mine = corpus_files(files)
+    if sorted((f["bytes"], f["head_sha256"]) for f in mine) != sorted((f["bytes"], f["head_sha256"])
+                                                                     for f in record.get("files", [])):
+        different.insert(0, f"corpus {describe_files(record.get('files', []))} (this run's: {describe_files(mine)})")
+    return "; ".join(different) or None
 
 
 def size_note(tokenizer: Tokenizer, wanted: int) -> str:

@@ -21,6 +21,10 @@ import io
 import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +49,26 @@ class CheckpointWriteError(UserError):
 
 class UnsafeWeightsError(UserError):
     """The weights are not finite: nothing is written from them."""
+
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
+
+
+def requeue(trainer) -> None:
+    """SLURM's warning signal: put the job back in the queue (once, from the first process), as Lightning's
+    auto-requeue does; the job's command resumes from the checkpoint just written (`--ckpt_path last`)."""
+    if not trainer.is_global_zero:
+        return
+    job = os.environ["SLURM_JOB_ID"]
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    except FileNotFoundError:
+        print(f"could not requeue SLURM job {job}: scontrol not found", file=sys.stderr, flush=True)
+        return
+    print(f"requeued SLURM job {job}" if done.returncode == 0 else
+          f"could not requeue SLURM job {job}: {done.stderr.strip()}", file=sys.stderr, flush=True)
 
 
 # --- writing --------------------------------------------------------------------------------------------------
@@ -364,17 +388,69 @@ class Checkpoints(Callback):
 
     Refuses (stopping the run with one line) to write from non-finite weights; while the module reports steps being
     skipped for non-finite gradients (`PretrainingModule.skipping`), saving waits for a good step.
+
+    Interruptions save the work (`save_on_signal`): Ctrl-C (SIGINT), SIGTERM (a cluster's preemption or `scancel`)
+    and SIGUSR1 (SLURM's warning before the time limit, `#SBATCH --signal=USR1@120`) end the run after the step in
+    progress, with a checkpoint of that step; `interrupted` then names the signal and the step, and the command
+    exits with 128 + the signal's number. Under SLURM, SIGUSR1 also requeues the job (`scontrol requeue`; the job's
+    command resumes with `--ckpt_path last`). With several processes, they stop together at the next logging step
+    (deciding it takes a collective, which the logging steps already pay). A second Ctrl-C stops at once, without
+    a checkpoint.
     """
 
-    def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 1000, keep: int = 2):
+    def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 1000, keep: int = 2,
+                 save_on_signal: bool = True):
         if every_n_train_steps < 1:
             raise UserError(f"checkpoint.every_n_train_steps must be at least 1, got {every_n_train_steps}")
         if keep < 0:
             raise UserError(f"checkpoint.keep must be 0 or more, got {keep}")
         self.dirpath = Path(dirpath) if dirpath else None
-        self.every_n_train_steps, self.keep = every_n_train_steps, keep
+        self.every_n_train_steps, self.keep, self.save_on_signal = every_n_train_steps, keep, save_on_signal
         self._saved_step: int | None = None
         self.postponed = 0  # saves put off while steps were being skipped
+        self.received: int | None = None  # the stopping signal received, if any
+        self.interrupted: tuple[str, int] | None = None  # (signal name, step) of a run that a signal ended
+        self._handlers: dict[int, Any] = {}
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._install()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._install()
+
+    def _install(self) -> None:
+        """Our handlers, over Lightning's own SIGTERM handler (which stops without a checkpoint; it is put back at
+        the end): from the sanity check on, which Lightning's registration precedes."""
+        if self._handlers or not self.save_on_signal or threading.current_thread() is not threading.main_thread():
+            return
+        self.received, self.interrupted = None, None
+        for name in STOP_SIGNALS:
+            number = getattr(signal, name, None)
+            if number is not None:
+                self._handlers[number] = signal.signal(number, self._on_signal)
+
+    def _on_signal(self, number: int, frame) -> None:
+        if self.received is not None and number == signal.SIGINT:
+            self._restore_handlers()
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.received = number
+        print(f"\n{signal.Signals(number).name}: stopping after this step, with a checkpoint "
+              f"(Ctrl-C again stops at once, without one)", file=sys.stderr, flush=True)
+
+    def _restore_handlers(self) -> None:
+        for number, handler in self._handlers.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        self._handlers = {}
+
+    def _stop_requested(self, trainer) -> bool:
+        if trainer.world_size == 1:
+            return self.received is not None
+        if trainer.global_step % max(1, trainer.log_every_n_steps):
+            return False  # every process decides at the same steps: the logging steps
+        return trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_handlers()
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.dirpath is None:
@@ -389,11 +465,19 @@ class Checkpoints(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        if step % self.every_n_train_steps == 0 or 0 <= trainer.max_steps <= step:
+        if self._handlers and self._stop_requested(trainer):
+            name = signal.Signals(self.received).name if self.received is not None else "a signal to another process"
+            self.interrupted = (name, step)
+            trainer.should_stop = True
+        # saved here, not as training ends: the loops' state is that of this step, mid-epoch (exact resume)
+        if self.interrupted or step % self.every_n_train_steps == 0 or 0 <= trainer.max_steps <= step:
             self.save(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_handlers()
         self.save(trainer, pl_module)
+        if self.interrupted and self.received == getattr(signal, "SIGUSR1", None) and os.environ.get("SLURM_JOB_ID"):
+            requeue(trainer)
 
     def save(self, trainer, pl_module) -> None:
         step = trainer.global_step

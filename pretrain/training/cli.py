@@ -35,6 +35,7 @@ def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
     from pretrain.training.checkpoints import Checkpoints, SafeCheckpointIO
     from pretrain.training.distributed import fsdp_strategy
     from pretrain.training.module import PretrainingModule
+    from pretrain.training.preflight import check_recipe_first
     from pretrain.training.progress import StepProgressBar
     from pretrain.training.resume import check_recipe, resolve, saved_recipe
     from pretrain.training.speed import Throughput
@@ -76,6 +77,8 @@ def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
             if config.get("weights_only") is False:
                 raise UserError("--weights_only false would let a checkpoint run code as it is loaded; pretrain loads "
                                 "checkpoints with weights_only=True only: drop the option")
+            if self.subcommand == "fit":  # what the recipe alone shows, before any tokenizer, cache or directory
+                check_recipe_first(config)
             if self.subcommand == "fit" or config.ckpt_path is not None:
                 path = resolve(config.ckpt_path, Path(config.checkpoint.dirpath))
                 config.ckpt_path = str(path) if path else None

@@ -368,3 +368,19 @@ def test_a_roberta_style_model_exports_as_roberta(tmp_path):
     process = run_cli("export", str(tmp_path / "b" / "runs" / "checkpoints" / "last.ckpt"), str(tmp_path / "x"),
                       "--format", "hf", "--hf-family", "roberta")
     assert process.returncode == 2 and "this tokenizer's pad id is 0" in process.stderr
+
+
+def test_a_recipe_that_cannot_run_is_refused_before_anything_is_built(tmp_path, capsys):
+    """Every problem the recipe alone shows, at once, before a tokenizer is trained, a cache built or a directory
+    made (the tokenizer, cache and run directory below are never created)."""
+    code = main(["fit", "-c", str(CONFIGS / "tiny" / "bert.yaml"), *overrides(tmp_path, CONFIGS / "tiny" / "bert.yaml"),
+                 "--trainer.max_steps", "50", "--model.warmup_steps", "100", "--data.tokenizer_vocab_size", "5000",
+                 "--data.max_length", "512", "--data.layout", "stream"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.startswith("error: the recipe cannot run:")
+    assert "model.warmup_steps 100 is not below the run's 50 steps (trainer.max_steps)" in err
+    assert "--model.warmup_steps 5 or --model.warmup_ratio 0.1" in err
+    assert "would have up to 5,000 tokens but the model's vocab_size is 2,000" in err
+    assert "data.max_length 512 is longer than the model's" in err
+    assert "nsp needs data.layout 'pairs' but the data module has 'stream'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing trained, cached or made
