@@ -9,8 +9,8 @@ from pathlib import Path
 
 from pretrain import __version__
 from pretrain.downstream.tasks import GLUE
-from pretrain.errors import UserError
-from pretrain.training.cli import LIGHTNING_COMMANDS, lightning_cli
+from pretrain.errors import UserError, unknown_options
+from pretrain.training.cli import LIGHTNING_COMMANDS, lightning_cli, quiet_lightning
 
 
 class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -180,8 +180,7 @@ def finetune_settings(args: argparse.Namespace):
         raise UserError("--epochs and --batch-size must be at least 1 and --learning-rate positive")
     if args.max_length < 4 or not args.lm_weight >= 0:
         raise UserError("--max-length must be at least 4 and --lm-weight at least 0")
-    check_new_directory(args.out)
-    args.out.mkdir(parents=True, exist_ok=True)
+    check_new_directory(args.out)  # (made once the data are read: a refused run leaves nothing behind)
     return seeds, Settings(args.epochs, args.learning_rate, args.batch_size, args.max_length, args.weight_decay,
                            args.warmup_ratio, args.from_scratch, args.lm_weight, args.last_epoch_only,
                            args.score_train, args.pooling)
@@ -293,10 +292,11 @@ def generate_command(args: argparse.Namespace) -> None:
               f"model's {model.config.max_position_embeddings} positions", file=sys.stderr)
     texts = model.generate(args.prompt, args.strategy, seed=args.seed, max_new_tokens=min(args.max_new_tokens, room),
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           num_beams=args.num_beams, length_penalty=args.length_penalty)
-    for prompt, text in zip(args.prompt, texts, strict=True):
+                           num_beams=args.num_beams, length_penalty=args.length_penalty, with_reasons=True)
+    for prompt, (text, reason) in zip(args.prompt, texts, strict=True):
         print(f"{prompt}{'' if prompt.endswith(' ') else ' '}{text}" if len(args.prompt) == 1 else
-              f"--- {prompt}\n{text}")
+              f"--- {prompt}\n{text}", flush=True)
+        print(f"({reason})", file=sys.stderr, flush=True)  # (stdout: the text alone)
 
 
 def evaluate_command(args: argparse.Namespace) -> None:
@@ -309,9 +309,29 @@ def evaluate_command(args: argparse.Namespace) -> None:
     if args.window is not None and not 2 <= args.window <= positions:
         raise UserError(f"--window {args.window} does not fit the model's {positions} positions: give 2 to {positions} "
                         "(or leave it out)")
+    window = args.window or positions
+    print(f"scoring {args.data} with {args.model}: windows of {window} tokens, "
+          f"{args.stride or max(1, window // 2)} scored in each", flush=True)
     value, tokens = model.perplexity(args.data.read_text(encoding="utf-8", errors="replace"), args.window,
                                      args.stride)
     print(f"perplexity {value:.3f} over {tokens:,} tokens of {args.data}")
+
+
+def parse(root: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The command line, with no abbreviated option taken for another (--max-len is not --max-length), and an
+    unknown option reported by its own subcommand (its usage, not the top level's) with the nearest known option."""
+    parsers = [root]
+    for word in argv:  # the (sub)subcommand the words name
+        actions = [a for a in parsers[-1]._actions if isinstance(a, argparse._SubParsersAction)]
+        if actions and word in actions[0].choices:
+            parsers.append(actions[0].choices[word])
+    for each in parsers:
+        each.allow_abbrev = False
+    args, unknown = root.parse_known_args(argv)
+    if unknown:
+        known = [o for action in parsers[-1]._actions for o in action.option_strings if o.startswith("--")]
+        parsers[-1].error(unknown_options(f"unrecognized arguments: {' '.join(unknown)}", known, parsers[-1].prog))
+    return args
 
 
 def interrupted(cli, argv: list[str]) -> int:
@@ -350,36 +370,41 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return interrupted(cli, rest)
 
-    args = parser().parse_args(argv)
+    args = parse(parser(), argv)
     try:
-        if args.command == "tokenizer":
-            train_tokenizer_command(args)
-        elif args.command == "finetune":
-            finetune_command(args)
-        elif args.command == "glue":
-            glue_command(args)
-        elif args.command == "zero-shot":
-            zero_shot_command(args)
-        elif args.command == "generate":
-            generate_command(args)
-        elif args.command == "evaluate-lm":
-            evaluate_command(args)
-        elif args.command == "plot":
-            from pretrain.training.plot import plot
-
-            out = args.out or args.run_dir / "curves.png"  # beside the run, not wherever the command is typed
-            print(f"wrote {out}: loss curves of {', '.join(plot(args.run_dir, out))}")
-        elif args.command == "export":
-            from pretrain.downstream.export import export
-
-            written = export(args.checkpoint, args.out, args.format, args.hf_family)
-            print(f"exported {args.checkpoint} to {written} ({args.format})")
+        with quiet_lightning():  # (Lightning's own deprecation warnings are not the user's business)
+            run_command(args)
     except (UserError, OSError) as error:  # bad input, or the machine refused; anything else is a bug: traceback
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_command(args: argparse.Namespace) -> None:
+    if args.command == "tokenizer":
+        train_tokenizer_command(args)
+    elif args.command == "finetune":
+        finetune_command(args)
+    elif args.command == "glue":
+        glue_command(args)
+    elif args.command == "zero-shot":
+        zero_shot_command(args)
+    elif args.command == "generate":
+        generate_command(args)
+    elif args.command == "evaluate-lm":
+        evaluate_command(args)
+    elif args.command == "plot":
+        from pretrain.training.plot import plot
+
+        out = args.out or args.run_dir / "curves.png"  # beside the run, not wherever the command is typed
+        print(f"wrote {out}: loss curves of {', '.join(plot(args.run_dir, out))}")
+    elif args.command == "export":
+        from pretrain.downstream.export import export
+
+        written = export(args.checkpoint, args.out, args.format, args.hf_family)
+        print(f"exported {args.checkpoint} to {written} ({args.format})")
 
 
 if __name__ == "__main__":

@@ -149,7 +149,8 @@ def load_corpus(
     if streaming:
         return corpus
     if drop_empty and len(corpus) == 0:
-        raise UserError(f"the corpus is empty: {', '.join(map(str, patterns))} holds no text")
+        named = [patterns] if isinstance(patterns, (str, Path)) else patterns
+        raise UserError(f"the corpus is empty: {', '.join(map(str, named))} holds no text")
     if any(FORMATS.get(path.suffix.lower(), "text") == "text" for path in files):
         column = corpus.data.column("text")  # counted in Arrow, without making Python strings
         replaced = pyarrow.compute.sum(pyarrow.compute.count_substring(column, REPLACEMENT)).as_py() or 0

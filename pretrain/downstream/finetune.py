@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +33,7 @@ from pretrain.downstream.pretrained import Pretrained, load
 from pretrain.downstream.tasks import Task, compute_metrics, label_ids, read_examples, score
 from pretrain.errors import UserError
 from pretrain.training.optim import build_optimizer, schedule_factor
+from pretrain.training.progress import EpochLines
 
 
 @dataclass
@@ -165,6 +166,8 @@ def finetune_once(model_path: str | Path, task: Task, labels: tuple[str, ...], t
     pretrained = load(model_path)
     info = {"name": task.name, "labels": list(labels), "regression": task.regression, "pair": task.pair is not None,
             "max_length": settings.max_length}
+    if task.label_names and task.labels and tuple(labels) == task.labels:
+        info["label_names"] = list(task.label_names)
     if pretrained.config.causal:
         info |= {"gpt_tokens": pretrained.gpt_tokens()[0], "symmetric": symmetric(task)}
     num_labels = 1 if task.regression else len(labels)
@@ -179,7 +182,8 @@ def finetune_once(model_path: str | Path, task: Task, labels: tuple[str, ...], t
                          enable_checkpointing=False, num_sanity_val_steps=0, enable_model_summary=False,
                          enable_progress_bar=False, check_val_every_n_epoch=settings.epochs if
                          settings.last_epoch_only else 1,
-                         log_every_n_steps=min(50, len(loaders[0])))  # at least once an epoch
+                         log_every_n_steps=min(50, len(loaders[0])),  # at least once an epoch
+                         callbacks=[EpochLines(f"{task.name} seed {seed}")])
     trainer.fit(module, *loaders)
     best_score, metrics, epoch, state = module.best
     module.load_state_dict(state)
@@ -236,6 +240,10 @@ def finetune(model_path: str | Path, task: Task, train_path: Path, dev_path: Pat
     if pretrained.config.causal and settings.pooling != "cls":
         raise UserError(f"--pooling {settings.pooling} is for encoders: a causal model is read at its last real token, "
                         "the one position that has seen the whole input (GPT-1); leave --pooling out")
+    positions = pretrained.config.max_position_embeddings
+    if settings.max_length > positions:  # said, and recorded as it is used
+        print(f"note: --max-length {settings.max_length} is cut to the model's {positions} positions", flush=True)
+        settings = replace(settings, max_length=positions)
     gpt_tokens = None
     if pretrained.config.causal:
         gpt_tokens, added = pretrained.gpt_tokens()
@@ -250,6 +258,7 @@ def finetune(model_path: str | Path, task: Task, train_path: Path, dev_path: Pat
         TaskExamples(pretrained.task_inputs(split.texts, split.pairs, settings.max_length, gpt_tokens,
                                             symmetric(task)), label_ids(task, split.labels, labels, path))
         for split, path in ((train, train_path), (dev, dev_path)))
+    out.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in seeds:
         runs.append(finetune_once(model_path, task, labels, train_data, dev_data, seed, settings,

@@ -4,11 +4,13 @@ beam search with a length penalty; batched prompts of different lengths (left-pa
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from models import LMHead, Transformer
 from models.transformer import KVCache
@@ -197,11 +199,14 @@ def perplexity(model: LanguageModel, tokens: list[int], window: int | None = Non
         raise UserError("perplexity needs a text of at least two tokens")
     ids = torch.tensor(tokens, device=model.device)
     total, scored = 0.0, 1
+    bar = tqdm(total=len(tokens) - 1, unit="token", desc="scoring", disable=not sys.stderr.isatty(), leave=False)
     while scored < len(tokens):
         end = min(scored + stride, len(tokens))
         begin = max(0, end - window)
         logits = model.head(model.backbone(ids[begin:end][None]))[0].float()  # position i predicts token begin+i+1
         total += torch.nn.functional.cross_entropy(logits[scored - 1 - begin:end - 1 - begin], ids[scored:end],
                                                    reduction="sum").item()
+        bar.update(end - scored)
         scored = end
+    bar.close()
     return math.exp(total / (len(tokens) - 1))

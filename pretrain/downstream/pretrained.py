@@ -103,8 +103,11 @@ class Pretrained:
         return [gpt_inputs(a, b, gpt_tokens, max_length, symmetric) for a, b in zip(first, second, strict=True)]
 
     @torch.no_grad()
-    def predict(self, texts: list[str] | str, pairs: list[str] | None = None, batch_size: int = 64) -> list:
-        """A fine-tuned model's label for each text (or text pair): a label of the task, or a number (regression)."""
+    def predict(self, texts: list[str] | str, pairs: list[str] | None = None, batch_size: int = 64,
+                names: bool = False, probabilities: bool = False) -> list:
+        """A fine-tuned model's label for each text (or text pair): a label of the task as its files write it (or a
+        number, for regression); with `names`, the label's name where the task has one (SST-2's "1" is
+        "positive"); with `probabilities`, each label's probability instead: {label: p} per text."""
         if self.task is None or "task" not in self.model.heads:
             raise UserError("this model was not fine-tuned on a task (pretrain finetune): nothing to predict")
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -114,12 +117,17 @@ class Pretrained:
         examples = self.task_inputs(texts, pairs, self.task["max_length"], self.task.get("gpt_tokens"),
                                     self.task.get("symmetric", False))
         device = next(self.model.parameters()).device
+        labels = self.task.get("label_names") if names and self.task.get("label_names") else self.task["labels"]
         out: list = []
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in task_batch(examples[start:start + batch_size], self.pad_id).items()}
             output, _ = task_output(self.model.backbone, self.model.heads["task"], batch, self.task["regression"])
-            out += output.tolist() if self.task["regression"] else [self.task["labels"][i]
-                                                                   for i in output.argmax(-1).tolist()]
+            if self.task["regression"]:
+                out += output.tolist()
+            elif probabilities:
+                out += [dict(zip(labels, row, strict=True)) for row in output.float().softmax(-1).tolist()]
+            else:
+                out += [labels[i] for i in output.argmax(-1).tolist()]
         return out
 
     @torch.no_grad()
@@ -151,10 +159,11 @@ class Pretrained:
 
     @torch.no_grad()
     def generate(self, prompts: list[str] | str, strategy: Strategy = "greedy", seed: int | None = None,
-                 **settings) -> list[str]:
+                 with_reasons: bool = False, **settings) -> list[str] | list[tuple[str, str]]:
         """Each prompt's continuation as text (`pretrain.generate.Settings`: max_new_tokens, temperature, top_k,
         top_p, num_beams, length_penalty, ...); stops at the tokenizer's end-of-text token, or where the model's
-        positions end (with a warning, if that is before max_new_tokens)."""
+        positions end (with a warning, if that is before max_new_tokens). With `with_reasons`, (text, why it
+        stopped) for each."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         room = self.room(prompts)
         if room < 1:
@@ -168,7 +177,14 @@ class Pretrained:
         ids = [row or [self.special.eos if self.special.eos is not None else 0] for row in self.tokenize(prompts)]
         settings.setdefault("eos_id", self.special.eos)
         new = generate(self.language_model(), ids, strategy, pad_id=self.pad_id, seed=seed, **settings)
-        return [self.tokenizer.decode(tokens) for tokens in new]
+        texts = [self.tokenizer.decode(tokens) for tokens in new]
+        if not with_reasons:
+            return texts
+        eos = settings["eos_id"]
+        reasons = [f"ended at the end-of-text token {self.tokenizer.id_to_token(eos)!r} after {len(tokens)} tokens"
+                   if tokens and eos is not None and tokens[-1] == eos else f"stopped at {len(tokens)} new tokens "
+                   f"(max_new_tokens {settings.get('max_new_tokens', 32)})" for tokens in new]
+        return list(zip(texts, reasons, strict=True))
 
     @torch.no_grad()
     def perplexity(self, text: str, window: int | None = None, stride: int | None = None) -> tuple[float, int]:

@@ -35,24 +35,28 @@ class Task:
     train_file: str = "train.tsv"
     dev_file: str = "dev.tsv"
     directory: str = ""  # the task's folder under a GLUE data directory
+    label_names: tuple[str, ...] | None = None  # what labels written as numbers mean (GLUE's 0 / 1), in label order
 
 
 GLUE: dict[str, Task] = {t.name: t for t in [
-    Task("cola", text=3, label=1, labels=("0", "1"), metrics=("matthews",), header=False, directory="CoLA"),
-    Task("sst2", text="sentence", label="label", labels=("0", "1"), directory="SST-2"),
+    Task("cola", text=3, label=1, labels=("0", "1"), metrics=("matthews",), header=False, directory="CoLA",
+         label_names=("unacceptable", "acceptable")),
+    Task("sst2", text="sentence", label="label", labels=("0", "1"), directory="SST-2",
+         label_names=("negative", "positive")),
     Task("mrpc", text="#1 String", pair="#2 String", label="Quality", labels=("0", "1"), symmetric=True,
-         metrics=("f1", "accuracy"), directory="MRPC"),
+         metrics=("f1", "accuracy"), directory="MRPC", label_names=("not_equivalent", "equivalent")),
     Task("stsb", text="sentence1", pair="sentence2", label="score", regression=True, symmetric=True,
          metrics=("pearson", "spearman"), directory="STS-B"),
     Task("qqp", text="question1", pair="question2", label="is_duplicate", labels=("0", "1"), symmetric=True,
-         metrics=("accuracy", "f1"), directory="QQP"),
+         metrics=("accuracy", "f1"), directory="QQP", label_names=("not_duplicate", "duplicate")),
     Task("mnli", text="sentence1", pair="sentence2", label="gold_label",
          labels=("contradiction", "entailment", "neutral"), dev_file="dev_matched.tsv", directory="MNLI"),
     Task("qnli", text="question", pair="sentence", label="label", labels=("entailment", "not_entailment"),
          directory="QNLI"),
     Task("rte", text="sentence1", pair="sentence2", label="label", labels=("entailment", "not_entailment"),
          directory="RTE"),
-    Task("wnli", text="sentence1", pair="sentence2", label="label", labels=("0", "1"), directory="WNLI"),
+    Task("wnli", text="sentence1", pair="sentence2", label="label", labels=("0", "1"), directory="WNLI",
+         label_names=("not_entailment", "entailment")),
 ]}
 ALIASES = {"sst-2": "sst2", "sts-b": "stsb"}
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import random
 import string
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from pretrain.downstream.generate import LanguageModel, left_pad, positions_of
 from pretrain.downstream.inputs import right_pad
@@ -141,10 +143,13 @@ def label_scores(pretrained: Pretrained, prompts: list[str], settings: Prompting
     ids = [row[-room:] for row in ids]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
     scores = torch.empty(len(ids), len(labels))
+    bar = tqdm(total=len(order), unit="prompt", desc="scoring", disable=not sys.stderr.isatty(), leave=False)
     for begin in range(0, len(order), settings.batch_size):
         chunk = order[begin:begin + settings.batch_size]
         scores[chunk] = label_log_probs(model, [ids[i] for i in chunk], labels, pretrained.pad_id,
                                         settings.normalize).cpu()
+        bar.update(len(chunk))
+    bar.close()
     return scores, cut
 
 

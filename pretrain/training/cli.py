@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from pretrain.errors import UserError
+from pretrain.errors import UserError, unknown_options
 
 LIGHTNING_COMMANDS = ("fit", "validate")
 
@@ -27,6 +27,7 @@ def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
     per fit or resume). With run=False (argv without the subcommand) the recipe is only parsed and its classes built;
     with parse_only, the resolved config is returned before anything is built or read (files, checkpoints and run
     directories need not exist)."""
+    from jsonargparse import ArgumentError
     from pytorch_lightning.callbacks import ProgressBar
     from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -55,6 +56,17 @@ def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
             parser.add_lightning_class_args(Checkpoints, "checkpoint")
             parser.add_lightning_class_args(RunSummary, "summary")
             parser.add_lightning_class_args(Throughput, "throughput")
+
+        def parse_arguments(self, parser, args) -> None:
+            """A misspelt or abbreviated option: one line, with the nearest option, instead of the whole usage."""
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError as error:
+                subcommands = parser._subcommands_action
+                command = next((a for a in (args or sys.argv[1:]) if subcommands and a in subcommands.choices), None)
+                chosen = subcommands.choices[command] if command else parser
+                known = [o for action in chosen._actions for o in action.option_strings if o.startswith("--")]
+                raise UserError(unknown_options(str(error), known, f"pretrain {command or ''}".strip())) from None
 
         def _parse_ckpt_path(self) -> None:
             """Off: Lightning's version replaces the model's settings with the checkpoint's, silently dropping this
@@ -117,11 +129,18 @@ def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
             kwargs["enable_checkpointing"] = False
             return super().instantiate_trainer(**kwargs)
 
+    if not sys.stderr.isatty():  # a log file: the cache's build is said in plain lines, not redrawn bars
+        import datasets
+
+        datasets.disable_progress_bars()
     try:
         with quiet_lightning():
+            strict = {"exit_on_error": False, "allow_abbrev": False}  # (--trainer.max_step is not max_steps)
             return PretrainCLI(PretrainingModule, PretrainingDataModule, args=None if argv == sys.argv[1:] else argv,
                                save_config_callback=SaveConfig, save_config_kwargs={"overwrite": False},
-                               seed_everything_default=0, run=run)
+                               seed_everything_default=0, run=run,
+                               parser_kwargs=strict | {command: strict for command in LIGHTNING_COMMANDS} if run
+                               else strict)
     except _Parsed as parsed:
         return parsed.config
 

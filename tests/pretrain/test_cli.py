@@ -384,3 +384,34 @@ def test_a_recipe_that_cannot_run_is_refused_before_anything_is_built(tmp_path, 
     assert "data.max_length 512 is longer than the model's" in err
     assert "nsp needs data.layout 'pairs' but the data module has 'stream'" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing trained, cached or made
+
+
+def test_abbreviated_and_misspelt_options_are_refused_with_the_nearest_one(tmp_path, capsys):
+    for option in ("--trainer.max_step", "--trainer.max_stepz"):  # an abbreviation once ran as max_steps
+        code = main(["fit", "-c", str(CONFIGS / "tiny" / "bert.yaml"), option, "5"])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"unrecognized arguments: {option} 5; did you mean --trainer.max_steps? (pretrain fit --help" in err
+    for option in ("--max-len", "--max-lenght"):  # our own commands: the subcommand's usage, not the top level's
+        with pytest.raises(SystemExit) as stopped:
+            main(["finetune", "--model", "m", "--out", str(tmp_path / "o"), option, "64"])
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and err.startswith("usage: pretrain finetune")
+        assert f"unrecognized arguments: {option} 64; did you mean --max-length?" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_progress_is_plain_lines_where_the_output_is_not_a_terminal(tmp_path, capsys):
+    """One line per logging step (step of max_steps, time left, losses); no sanity-check or validation bars, no
+    carriage returns or escape codes in a log file."""
+    recipe = CONFIGS / "tiny" / "bert.yaml"
+    assert main(["fit", "-c", str(recipe), *overrides(tmp_path, recipe), "--trainer.max_steps", "10",
+                 "--model.warmup_steps", "2", "--trainer.log_every_n_steps", "5", "--trainer.val_check_interval", "5",
+                 "--trainer.limit_val_batches", "1"]) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.startswith("step ")]
+    assert [line.split(" (")[0] for line in lines] == ["step 5/10", "step 10/10"]
+    assert "left): train/loss" in lines[0] and "val/loss" in lines[1]
+    output = captured.out + captured.err
+    assert "\r" not in output and "\x1b[" not in output and "Sanity Checking" not in output
+    assert "Validation" not in output

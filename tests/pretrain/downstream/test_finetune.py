@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -216,5 +217,44 @@ def test_bad_input_is_one_clear_error(model_dir, tmp_path):
     for number, (arguments, message) in enumerate(cases):
         process = run_cli("finetune", *arguments, "--out", str(tmp_path / f"out{number}"), "--epochs", "1")
         assert process.returncode == 2 and message in process.stderr and "Traceback" not in process.stderr, message
+        assert not (tmp_path / f"out{number}").exists()  # a refused run leaves nothing behind
     process = run_cli("glue", "--model", str(model_dir), "--data-dir", str(tmp_path), "--out", str(tmp_path / "g"))
     assert process.returncode == 2 and "no GLUE task" in process.stderr
+
+
+def test_fine_tuning_says_each_epoch(model_dir, tmp_path, capsys):
+    """One plain line per epoch (the output is not a terminal here: no bar), with its loss, dev metrics when dev was
+    scored, and the time left."""
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(16, 0))
+    finetune(model_dir, Task("mine", text="text", label="label"), train, train, tmp_path / "out", [1],
+             Settings(epochs=3, batch_size=8, last_epoch_only=True))
+    lines = [line for line in capsys.readouterr().out.splitlines() if ", epoch " in line]
+    assert [line.split(":")[0] for line in lines] == [f"mine seed 1, epoch {e}/3" for e in (1, 2, 3)]
+    assert all(re.search(r": train loss \d+\.\d{4}", line) for line in lines)
+    assert "dev accuracy" in lines[2] and not any("dev" in line for line in lines[:2])  # scored after the last only
+    assert "left)" in lines[0] and "left" not in lines[2] and "\x1b[" not in "".join(lines)
+
+
+def test_a_max_length_beyond_the_positions_is_said_and_recorded_as_used(model_dir, tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(8, 0))
+    results = finetune(model_dir, Task("mine", text="text", label="label"), train, train, tmp_path / "out", [1],
+                       Settings(epochs=1, batch_size=8, max_length=4096))
+    positions = pretrain.load(model_dir).config.max_position_embeddings
+    assert f"--max-length 4096 is cut to the model's {positions} positions" in capsys.readouterr().out
+    assert results["settings"]["max_length"] == positions
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["settings"]["max_length"] == positions
+
+
+def test_predict_gives_label_names_and_probabilities(model_dir, tmp_path):
+    rows = sentiment_rows(16, 0)
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    task = Task("mine", text="text", label="label", labels=("0", "1"), label_names=("negative", "positive"))
+    finetune(model_dir, task, train, train, tmp_path / "out", [1], Settings(epochs=2, batch_size=8))
+    model = pretrain.load(tmp_path / "out" / "seed-1" / "model")
+    texts = [row["text"] for row in rows]
+    labels, named = model.predict(texts), model.predict(texts, names=True)
+    assert set(labels) <= {"0", "1"} and named == [{"0": "negative", "1": "positive"}[label] for label in labels]
+    probabilities = model.predict(texts, probabilities=True)
+    assert all(list(p) == ["0", "1"] and abs(sum(p.values()) - 1) < 1e-5 for p in probabilities)
+    assert [max(p, key=p.get) for p in probabilities] == labels
+    assert list(model.predict(texts[:1], names=True, probabilities=True)[0]) == ["negative", "positive"]

@@ -47,6 +47,18 @@ def test_generate_continues_prompts_and_needs_a_causal_head(tokenizer):
         pretrained(tokenizer).generate("the king")
 
 
+def test_generate_says_why_each_continuation_stopped(tokenizer):
+    from pretrain.downstream.generate import generate
+
+    model = pretrained(tokenizer, causal=True)
+    [(_, reason)] = model.generate("the king", max_new_tokens=4, eos_id=None, with_reasons=True)
+    assert reason == "stopped at 4 new tokens (max_new_tokens 4)"
+    [first, *_] = generate(model.language_model(), model.tokenize(["the king"]), "greedy", pad_id=model.pad_id,
+                           max_new_tokens=4, eos_id=None)[0]
+    [(_, reason)] = model.generate("the king", max_new_tokens=4, eos_id=first, with_reasons=True)
+    assert reason == f"ended at the end-of-text token {model.tokenizer.id_to_token(first)!r} after 1 tokens"
+
+
 def test_export_directory_round_trip_and_its_refusals(tokenizer, tmp_path):
     model = pretrained(tokenizer)
     model.save(tmp_path)
