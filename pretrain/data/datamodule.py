@@ -121,7 +121,8 @@ class PretrainingDataModule(pl.LightningDataModule):
 
     Args:
         files: text / JSONL / CSV / Parquet files, globs, directories, or `save_to_disk` datasets (one, or a list).
-        tokenizer: a tokenizer.json, vocab.txt, vocab.json (+ merges.txt), or a directory holding one.
+        tokenizer: a tokenizer.json, vocab.txt, vocab.json (+ merges.txt), a directory holding one, or a checkpoint
+            of `pretrain fit` (its tokenizer); with `model.init_from`, the source's by default.
         layout: "stream" (packed blocks, document ids kept) or "pairs" ([CLS] A [SEP] B [SEP] for NSP/SOP).
         max_length: tokens per example.
         pair_task: with "pairs": "nsp" draws half of the B segments from another document; "sop" keeps A and B
@@ -148,7 +149,7 @@ class PretrainingDataModule(pl.LightningDataModule):
     def __init__(
         self,
         files: list[str] | str,
-        tokenizer: str,
+        tokenizer: str | None = None,
         layout: Layout = "stream",
         max_length: int = 128,
         batch_size: int = 32,
@@ -173,6 +174,9 @@ class PretrainingDataModule(pl.LightningDataModule):
         reuse_tokenizer: bool = False,
     ):
         super().__init__()
+        if tokenizer is None:
+            raise UserError("data.tokenizer is missing: give a tokenizer (with data.train_tokenizer to train it "
+                            "there), or model.init_from to continue a model with its own")
         if word_starts and layout != "stream":
             raise UserError("word_starts (whole-word masking) comes with the 'stream' layout only; "
                             "set word_starts: false or layout: stream")

@@ -225,6 +225,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def _read_tokenizer(path: Path) -> Tokenizer:
+    from pretrain.training.checkpoints import is_sharded_checkpoint
+
+    if path.suffix == ".ckpt" and (path.is_file() or is_sharded_checkpoint(path)):  # a checkpoint's own tokenizer
+        from pretrain.downstream.pretrained import load
+
+        return load(path).tokenizer
     if path.is_dir():
         for name in ("tokenizer.json", "vocab.txt", "vocab.json"):
             if (path / name).is_file():

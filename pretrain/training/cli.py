@@ -89,6 +89,8 @@ def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
             if config.get("weights_only") is False:
                 raise UserError("--weights_only false would let a checkpoint run code as it is loaded; pretrain loads "
                                 "checkpoints with weights_only=True only: drop the option")
+            if config.model.get("init_from") and not config.data.get("tokenizer"):  # continued: the source's
+                config.data.tokenizer = str(config.model.init_from)
             if self.subcommand == "fit":  # what the recipe alone shows, before any tokenizer, cache or directory
                 check_recipe_first(config)
             if self.subcommand == "fit" or config.ckpt_path is not None:

@@ -70,6 +70,12 @@ class PretrainingModule(pl.LightningModule):
             corruption (ELECTRA's generator): each a single graph (static shapes, no host sync, no graph break). The
             corruption's random draws run eagerly (they use a seeded generator, which graphs do not take). Best on
             GPUs; the first training steps and the first validation pay the compilation.
+        init_from: continue pretraining a model that exists: a Hugging Face directory of any family
+            `pretrain.load` reads, a directory written by `pretrain export`, or a checkpoint of `pretrain fit` (a new
+            run from its weights, not a resume). The architecture comes from it (`backbone` may be left out; one
+            that disagrees is refused), its backbone weights are loaded, and so is each head of the objectives that
+            the source has under the same name (mlm, nsp, sop, rtd, clm); the others start fresh. What was loaded,
+            what is new and what of the source is not used is printed before the first step.
         max_skipped_steps: a step whose gradient norm is not finite (a NaN or infinite loss) is skipped on the device
             (weights and optimizer state unchanged; no host sync) and counted; the run stops, with its last good
             checkpoint intact, once this many steps in a row were skipped (read at the logging steps and at the end).
@@ -79,8 +85,8 @@ class PretrainingModule(pl.LightningModule):
 
     def __init__(
         self,
-        backbone: TransformerConfig,
-        objectives: list[Objective],
+        backbone: TransformerConfig | None = None,
+        objectives: list[Objective] | None = None,
         optimizer: OptimizerName = "adamw",
         learning_rate: float = 1e-4,
         weight_decay: float = 0.01,
@@ -94,8 +100,20 @@ class PretrainingModule(pl.LightningModule):
         seed: int = 0,
         compile: bool = False,
         max_skipped_steps: int = 10,
+        init_from: str | None = None,
     ):
         super().__init__()
+        if not objectives:
+            raise UserError("model.objectives is empty: give at least one objective (e.g. objectives.MaskedLM)")
+        source = None
+        if init_from is not None:  # continued pretraining: the architecture and the weights come from the source
+            from pretrain.training.init_from import load_source, source_architecture
+
+            source = load_source(init_from)
+            backbone = source_architecture(source.config, backbone, init_from)
+        elif backbone is None:
+            raise UserError("model.backbone is missing: give the architecture (see configs/), or model.init_from to "
+                            "continue a model that exists")
         if max_skipped_steps < 1:
             raise UserError(f"max_skipped_steps must be at least 1, got {max_skipped_steps}")
         if warmup_ratio is not None and not 0.0 <= warmup_ratio < 1.0:
@@ -105,11 +123,20 @@ class PretrainingModule(pl.LightningModule):
         self.hparams["backbone"] = dataclasses.asdict(backbone)
         self.backbone = Transformer(backbone)
         loaded = load_tokenizer(tokenizer) if tokenizer else None
+        if source is not None and loaded is not None and loaded.get_vocab() != source.tokenizer.get_vocab():
+            raise UserError(f"data.tokenizer {tokenizer} is not the tokenizer of model.init_from {init_from}: the "
+                            "source's embeddings belong to its own; leave data.tokenizer out to use it")
         self.tokenizer_json = loaded.to_str() if loaded else None
         tokens = token_ids(loaded, backbone.vocab_size) if loaded else None
         for objective in objectives:
             objective.bind(self.backbone, tokens)
         self.objectives = nn.ModuleList(objectives)
+        self.init_report: list[str] = []
+        if source is not None:
+            from pretrain.training.init_from import load_weights
+
+            self.init_report = load_weights(self.backbone, self.heads(), source, init_from)
+            print("\n".join(self.init_report), flush=True)
         self.accuracy = nn.ModuleDict({
             f"{stage}_{o.name}": MeanMetric(nan_strategy="disable") for stage in ("train", "val") for o in objectives
         })

@@ -92,9 +92,24 @@ def data_problems(model: Any, data: Any) -> list[str]:
     return problems
 
 
+def source_problems(model: Any, data: Any) -> list[str]:
+    """What a run needs from the recipe or from a source model (`model.init_from`): an architecture, a tokenizer."""
+    if value(model, "init_from"):
+        return []
+    problems = []
+    if value(model, "backbone") is None:
+        problems.append("model.backbone is missing: give the architecture (see configs/), or model.init_from to "
+                        "continue a model that exists (a Hugging Face directory, an export or a checkpoint)")
+    if not value(data, "tokenizer"):
+        problems.append("data.tokenizer is missing: give a tokenizer (with data.train_tokenizer to train it there), "
+                        "or model.init_from to continue a model with its own")
+    return problems
+
+
 def check_recipe_first(config: Any) -> None:
     """Every problem the recipe shows before anything is built, as one error (nothing is written)."""
-    problems = schedule_problems(value(config, "model"), value(config, "trainer"))
+    problems = source_problems(value(config, "model"), value(config, "data"))
+    problems += schedule_problems(value(config, "model"), value(config, "trainer"))
     problems += data_problems(value(config, "model"), value(config, "data"))
     run_dir = value(value(config, "trainer"), "default_root_dir")
     if run_dir and Path(run_dir).exists() and not Path(run_dir).is_dir():

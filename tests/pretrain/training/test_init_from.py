@@ -1,0 +1,100 @@
+"""Continued pretraining (`model.init_from`): the architecture, backbone and objective heads come from the source,
+and the first loss is the loss the source's own Hugging Face class computes on the same batch and corruption."""
+
+import shutil
+
+import pytest
+import torch
+
+from objectives import CausalLM, MaskedLM, SentenceOrderPrediction
+from pretrain.cli import main
+from pretrain.errors import UserError
+from pretrain.sample import BUNDLED_CORPUS
+from pretrain.training.module import PretrainingModule
+from tests.helpers import ROOT
+from tests.test_training_parity import parity_module
+
+CONFIGS = ROOT / "configs"
+
+pytest.importorskip("transformers", reason="the sources are Hugging Face models (dev extras)")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("init_from")
+
+
+def hugging_face_source(name: str, workdir, settings):
+    """A random Hugging Face model of the family (`save_pretrained`, its tokenizer beside it), its batches, and the
+    Hugging Face model itself."""
+    parity = parity_module()
+    batches, tokenizer = parity.make_batches(parity.FAMILIES[name], settings, workdir)
+    module = parity.build_module(name, tokenizer, settings)
+    [model] = parity.hugging_face_models(module, parity.FAMILIES[name].hf_family)
+    directory = workdir / f"hf-{name}"
+    model.save_pretrained(directory)
+    shutil.copy(tokenizer, directory / "tokenizer.json")
+    return directory, batches, model
+
+
+@pytest.mark.parametrize("name", ["bert", "albert", "gpt2"])
+def test_the_first_loss_is_the_sources_own(name, workdir):
+    parity = parity_module()
+    settings = parity.Settings(steps=2)
+    directory, batches, model = hugging_face_source(name, workdir, settings)
+    family = parity.FAMILIES[name]
+    module = PretrainingModule(objectives=family.objectives(), init_from=str(directory), tokenizer=str(directory))
+    module.train()
+    assert module.init_report[0].startswith(f"init_from {directory}: the backbone (")
+    assert "optimizer: new" in module.init_report[-1]
+    generator = module.corruption_generator(torch.device("cpu"), 0, 0, 0)
+    ours, _ = module(batches[0], generator)
+    generator = module.corruption_generator(torch.device("cpu"), 0, 0, 0)
+    theirs, _ = parity.reference_loss([model.train()], list(module.objectives), batches[0], generator, None)
+    ours, theirs = float(ours.detach()), float(theirs.detach())
+    assert abs(ours - theirs) <= 1e-5 * abs(theirs), (ours, theirs)
+
+
+def test_heads_the_source_lacks_start_fresh_and_unused_ones_are_named(workdir):
+    parity = parity_module()
+    directory, _, _ = hugging_face_source("bert", workdir, parity.Settings(steps=2))  # BertForPreTraining: mlm, nsp
+    module = PretrainingModule(objectives=[MaskedLM(), SentenceOrderPrediction()], init_from=str(directory),
+                               tokenizer=str(directory))
+    report = "\n".join(module.init_report)
+    assert "heads mlm loaded" in report and "new (fresh weights): heads sop" in report
+    assert "not used: the source's heads nsp" in report
+
+
+def test_a_contradicting_architecture_or_a_bad_path_is_refused(workdir):
+    parity = parity_module()
+    directory, _, _ = hugging_face_source("gpt2", workdir, parity.Settings(steps=2))
+    source = PretrainingModule(objectives=[CausalLM()], init_from=str(directory), tokenizer=str(directory))
+    wrong = source.backbone.config.__class__(**{**source.hparams["backbone"], "num_layers": 5})
+    with pytest.raises(UserError, match=r"contradicts model.init_from .*num_layers 5 \(the source's: 2\)"):
+        PretrainingModule(wrong, [CausalLM()], init_from=str(directory), tokenizer=str(directory))
+    with pytest.raises(UserError, match="model.init_from .*nothing does not exist"):
+        PretrainingModule(objectives=[CausalLM()], init_from=str(workdir / "nothing"))
+
+
+@pytest.mark.parametrize("name, recipe, head", [("gpt2", "continue-clm.yaml", "clm"),
+                                                ("bert", "continue-mlm.yaml", "mlm")])
+def test_the_continue_recipes_run_from_a_hugging_face_model_and_resume(name, recipe, head, workdir, tmp_path, capsys):
+    parity = parity_module()
+    directory, _, _ = hugging_face_source(name, workdir, parity.Settings(steps=2))
+    common = ["fit", "-c", str(CONFIGS / recipe), "--model.init_from", str(directory),
+              "--data.files", f"[{BUNDLED_CORPUS}]", "--data.max_length", "32", "--data.cache_dir",
+              str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.accelerator",
+              "cpu", "--model.total_steps", "6", "--trainer.limit_val_batches", "0",
+              "--trainer.enable_progress_bar", "false"]
+    assert main([*common, "--trainer.max_steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"init_from {directory}: the backbone (" in out and f"heads {head}" in out
+    assert f"tokenizer: {directory} (given" in out  # the source's tokenizer, not one trained here
+    assert main([*common, "--trainer.max_steps", "6", "--ckpt_path", "last"]) == 0
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 6 and saved["hyper_parameters"]["init_from"] == str(directory)
+
+
+def test_a_continue_recipe_without_a_source_says_what_to_give(capsys):
+    assert main(["fit", "-c", str(CONFIGS / "continue-mlm.yaml")]) == 2
+    assert "model.init_from to continue a model that exists" in capsys.readouterr().err
