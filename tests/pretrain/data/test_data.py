@@ -590,3 +590,13 @@ def test_streaming_reshuffles_every_epoch_under_its_seed(tmp_path, tokenizer_pat
     assert Counter(t for row in first for t in row) == Counter(t for row in second for t in row)
     plain = passes(0, 0)
     assert plain[0] == plain[1]  # no buffer: corpus order, every pass
+
+
+def test_an_empty_corpus_given_as_one_path_is_named_as_given(tmp_path):
+    """(Once its path came out joined character by character: "/, t, m, p, ...".)"""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    for given in (str(empty), empty, [str(empty)]):
+        with pytest.raises(UserError) as refused:
+            load_corpus(given)
+        assert str(refused.value) == f"the corpus is empty: {empty} holds no text"
