@@ -220,6 +220,10 @@ class PretrainingDataModule(pl.LightningDataModule):
             if hp.train_tokenizer:
                 wanted |= {"kind": hp.train_tokenizer, "vocab_size": hp.tokenizer_vocab_size}
             mismatch = provenance_mismatch(record, resolve_files(hp.files), wanted)
+            if mismatch and not hp.train_tokenizer:  # named as the tokenizer to use, not as this run's to train
+                origin = f"given: trained for something else: {mismatch}"
+                print(f"tokenizer: {path} ({origin})", flush=True)
+                return origin
             if mismatch and not hp.reuse_tokenizer:
                 raise UserError(
                     f"the tokenizer {path} was trained for something else: {mismatch}. Give a new path to train one "

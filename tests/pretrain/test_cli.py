@@ -325,7 +325,8 @@ def test_training_logs_tokens_per_second(tmp_path):
     assert len(rates) == 3 and all(rate > 0 for rate in rates)  # every 2 steps after the first
 
 
-def test_the_progress_bar_counts_the_runs_steps(tmp_path, capsys):
+def test_the_progress_bar_counts_the_runs_steps(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal: the bar (elsewhere plain lines)
     recipe = CONFIGS / "tiny" / "gpt2.yaml"
     code = main(["fit", "-c", str(recipe), *overrides(tmp_path, recipe), "--trainer.max_steps", "6",
                  "--trainer.log_every_n_steps", "2", "--trainer.val_check_interval", "6",

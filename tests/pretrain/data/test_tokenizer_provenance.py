@@ -64,6 +64,9 @@ def test_another_corpus_is_refused_and_accepted_on_purpose(trained, tmp_path):
     assert tokenizer.read_bytes() == before  # nothing retrained or overwritten
     module = data([other], tokenizer, reuse_tokenizer=True)
     assert module.tokenizer_origin.startswith("reused on purpose (reuse_tokenizer)")
+    # named without train_tokenizer, it is the tokenizer to use (a general one, on purpose): used, and said
+    module = PretrainingDataModule([str(other)], str(tokenizer), max_length=32, validation_fraction=0)
+    assert module.tokenizer_origin.startswith("given: trained for something else: corpus 1 file")
 
 
 def test_another_kind_or_size_is_refused(trained):
