@@ -30,6 +30,7 @@ import json
 import math
 import platform
 import random
+import shutil
 import statistics
 from pathlib import Path
 
@@ -173,6 +174,8 @@ def pretrain_arm(arm: str, sizes: dict, tokenizer: Path, corpus: Path, budget_mi
         return json.loads(summary_path.read_text())
     per_step = seconds_per_step(arm, sizes, tokenizer, corpus, out, **settings)
     steps = max(20, int(budget_minutes * 60 / per_step))
+    if run.exists():  # an arm stopped part-way (no summary): it starts again, its schedule set for the whole budget
+        shutil.rmtree(run)
     recipe_path.parent.mkdir(parents=True, exist_ok=True)
     recipe_path.write_text(yaml.safe_dump(recipe(arm, sizes, tokenizer, corpus, steps, run, **settings,
                                                  guard_minutes=10 * budget_minutes + 5)))
