@@ -8,6 +8,7 @@ import torch
 
 from objectives import CausalLM, MaskedLM, SentenceOrderPrediction
 from pretrain.cli import main
+from pretrain.data.tokenizer import load_tokenizer
 from pretrain.errors import UserError
 from pretrain.sample import BUNDLED_CORPUS
 from pretrain.training.module import PretrainingModule
@@ -37,7 +38,7 @@ def hugging_face_source(name: str, workdir, settings):
     return directory, batches, model
 
 
-@pytest.mark.parametrize("name", ["bert", "albert", "gpt2"])
+@pytest.mark.parametrize("name", ["bert", "albert", "roberta", "gpt2"])
 def test_the_first_loss_is_the_sources_own(name, workdir):
     parity = parity_module()
     settings = parity.Settings(steps=2)
@@ -98,3 +99,30 @@ def test_the_continue_recipes_run_from_a_hugging_face_model_and_resume(name, rec
 def test_a_continue_recipe_without_a_source_says_what_to_give(capsys):
     assert main(["fit", "-c", str(CONFIGS / "continue-mlm.yaml")]) == 2
     assert "model.init_from to continue a model that exists" in capsys.readouterr().err
+
+
+def test_a_llama_source_starts_at_its_own_loss(workdir):
+    """Llama (rotary positions, RMSNorm, SwiGLU, grouped KV heads, an untied LM head): the first causal-LM loss is
+    LlamaForCausalLM's on the same batch."""
+    import transformers
+
+    parity = parity_module()
+    batches, tokenizer = parity.make_batches(parity.FAMILIES["gpt2"], parity.Settings(steps=1), workdir)
+    vocab = load_tokenizer(tokenizer).get_vocab_size()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config)
+    directory = workdir / "hf-llama"
+    model.save_pretrained(directory)
+    shutil.copy(tokenizer, directory / "tokenizer.json")
+    module = PretrainingModule(objectives=[CausalLM()], init_from=str(directory), tokenizer=str(directory))
+    assert "heads clm loaded" in module.init_report[0]
+    batch = batches[0]
+    ours, _ = module(batch, module.corruption_generator(torch.device("cpu"), 0, 0, 0))
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100) if "attention_mask" in batch \
+        else batch["input_ids"]
+    theirs = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels).loss
+    ours, theirs = float(ours.detach()), float(theirs.detach())
+    assert abs(ours - theirs) <= 1e-5 * abs(theirs), (ours, theirs)
