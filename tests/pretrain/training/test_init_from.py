@@ -13,6 +13,7 @@ from pretrain.errors import UserError
 from pretrain.sample import BUNDLED_CORPUS
 from pretrain.training.module import PretrainingModule
 from tests.helpers import ROOT
+from tests.pretrain.test_cli import check_exports
 from tests.test_training_parity import parity_module
 
 CONFIGS = ROOT / "configs"
@@ -94,6 +95,17 @@ def test_the_continue_recipes_run_from_a_hugging_face_model_and_resume(name, rec
     assert main([*common, "--trainer.max_steps", "6", "--ckpt_path", "last"]) == 0
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == 6 and saved["hyper_parameters"]["init_from"] == str(directory)
+    # exported, the continued model is its family's Hugging Face class again: every key in place, our logits
+    (tmp_path / "exports").mkdir()
+    check_exports(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "exports")
+    import transformers
+
+    architecture = transformers.AutoConfig.from_pretrained(tmp_path / "exports" / "hf").architectures[0]
+    _, info = getattr(transformers, architecture).from_pretrained(tmp_path / "exports" / "hf",
+                                                                  output_loading_info=True)
+    # (the source's NSP head is not trained here: BERT comes back as BertForMaskedLM)
+    assert architecture == {"gpt2": "GPT2LMHeadModel", "bert": "BertForMaskedLM"}[name]
+    assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
 def test_a_continue_recipe_without_a_source_says_what_to_give(capsys):
