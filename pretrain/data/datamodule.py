@@ -141,7 +141,8 @@ class PretrainingDataModule(pl.LightningDataModule):
         train_tokenizer: when `tokenizer` does not exist yet, train one of this kind (wordpiece, bpe, unigram) with
             `tokenizer_vocab_size` tokens on `files` and save it there, with a record of what it was trained on
             (`tokenizer.trained_on.json`). A tokenizer found there with a record is used only for the corpus and
-            settings it was trained with; one without a record (trained elsewhere) is used as it is.
+            settings it was trained with. Without `train_tokenizer`, `tokenizer` is the one to use: it is used as
+            it is, and what it was trained on (where recorded) is said.
         reuse_tokenizer: use the tokenizer found at `tokenizer` even though it was trained on another corpus or
             with other settings (continuing on new text with an existing vocabulary, on purpose).
     """
