@@ -22,6 +22,7 @@ from pretrain.data.pairs import pair_dataset, pair_parts
 from pretrain.data.streaming import PairLayout, StreamingExamples, StreamLayout
 from pretrain.data.tokenizer import (
     TokenizerKind,
+    add_tokens_from,
     corpus_files,
     describe_files,
     load_tokenizer,
@@ -145,6 +146,9 @@ class PretrainingDataModule(pl.LightningDataModule):
             it is, and what it was trained on (where recorded) is said.
         reuse_tokenizer: use the tokenizer found at `tokenizer` even though it was trained on another corpus or
             with other settings (continuing on new text with an existing vocabulary, on purpose).
+        add_tokens: a text file of domain tokens, one a line, added to the tokenizer after its own (tokens it
+            already has are said and skipped); with `model.init_from`, the model's embeddings (and an untied output
+            matrix) grow by as many rows, each the mean of the existing ones. Saved with the run, carried by export.
     """
 
     def __init__(
@@ -173,6 +177,7 @@ class PretrainingDataModule(pl.LightningDataModule):
         train_tokenizer: TokenizerKind | None = None,
         tokenizer_vocab_size: int = 8000,
         reuse_tokenizer: bool = False,
+        add_tokens: str | None = None,
     ):
         super().__init__()
         if tokenizer is None:
@@ -188,6 +193,11 @@ class PretrainingDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.tokenizer_origin = self._tokenizer_ready()
         self.tokenizer = load_tokenizer(tokenizer)
+        if add_tokens:  # (the model, given the same file, adds the same tokens to its copy)
+            added, known = add_tokens_from(self.tokenizer, add_tokens)
+            print(f"added {len(added):,} tokens from {add_tokens} (ids {self.vocab_size - len(added):,}-"
+                  f"{self.vocab_size - 1:,})" + (f"; already in the vocabulary, skipped: {', '.join(known[:10])}"
+                                                 + (", ..." if len(known) > 10 else "") if known else ""), flush=True)
         self.special = special_ids(self.tokenizer)
         if self.special.sep is None and self.special.eos is None:
             raise UserError(f"the tokenizer {tokenizer} has no separator token ([SEP], </s> or <|endoftext|>)")

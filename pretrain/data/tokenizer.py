@@ -266,3 +266,18 @@ def check_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> None:
             f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is {vocab_size}; "
             f"set the model's vocab_size to at least {tokenizer.get_vocab_size()} or use the matching tokenizer"
         )
+
+
+def add_tokens_from(tokenizer: Tokenizer, path: str | Path) -> tuple[list[str], list[str]]:
+    """Domain tokens from a text file (one a line) appended to `tokenizer` in place, after its own ids; tokens it
+    has already are skipped. Returns (added, already there)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data.add_tokens {path} does not exist: give a text file with one token a line")
+    wanted = list(dict.fromkeys(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()))
+    if not wanted:
+        raise UserError(f"data.add_tokens {path} holds no token: give one token a line")
+    known = [token for token in wanted if tokenizer.token_to_id(token) is not None]
+    added = [token for token in wanted if token not in known]
+    tokenizer.add_tokens(added)
+    return added, known

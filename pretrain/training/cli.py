@@ -53,6 +53,7 @@ def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
             # the model reads the tokenizer's special ids once the data module exists (it may train the tokenizer)
             parser.link_arguments("data", "model.tokenizer", compute_fn=lambda data: data.hparams.tokenizer,
                                   apply_on="instantiate")
+            parser.link_arguments("data.add_tokens", "model.add_tokens")  # the same tokens on both sides
             parser.add_lightning_class_args(Checkpoints, "checkpoint")
             parser.add_lightning_class_args(RunSummary, "summary")
             parser.add_lightning_class_args(Throughput, "throughput")

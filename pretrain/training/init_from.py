@@ -9,9 +9,11 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from tokenizers import Tokenizer
 from torch import nn
 
-from models import TransformerConfig
+from models import LMHead, ModelWithHeads, TransformerConfig
 from pretrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -76,3 +78,28 @@ def load_weights(backbone: nn.Module, heads: dict[str, nn.Module], source: Pretr
         lines.append(f"  not used: the source's heads {', '.join(unused)} (no objective of this run trains them)")
     lines.append("  optimizer: new (the source has none); the schedule is this run's (warm-up, then decay)")
     return lines
+
+
+def tokenizer_fits(tokenizer: Tokenizer, source: Tokenizer, path: str, init_from: str) -> None:
+    """The run's tokenizer must be the source's, with at most tokens added after its own (`data.add_tokens`): every
+    token of the source keeps its id."""
+    theirs = source.get_vocab()
+    if tokenizer.get_vocab_size() < len(theirs) or any(tokenizer.token_to_id(t) != i for t, i in theirs.items()):
+        raise UserError(f"data.tokenizer {path} is not the tokenizer of model.init_from {init_from}: the source's "
+                        "embeddings belong to its own; leave data.tokenizer out to use it (data.add_tokens adds "
+                        "domain tokens to it)")
+
+
+def grow_vocabulary(model: ModelWithHeads, size: int) -> None:
+    """New embedding rows (and rows of an untied output matrix) for tokens added to the source's tokenizer, each
+    the mean of the existing rows (the usual practice: a new token starts as an average token); output biases 0."""
+    old = model.config.vocab_size
+    if size <= old:
+        return
+    model.resize_vocabulary(size)
+    with torch.no_grad():
+        rows = model.backbone.embeddings.word.weight
+        rows[old:] = rows[:old].mean(0)
+        for head in model.heads.values():
+            if isinstance(head, LMHead) and not head.tied:
+                head.weight[old:] = head.weight[:old].mean(0)

@@ -16,7 +16,7 @@ from torchmetrics.aggregation import MeanMetric
 from models import Transformer, TransformerConfig, head_spec
 from objectives import Batch, Objective, ObjectiveOutput, TokenIds, check_combination
 from objectives.base import backbone_inputs, corrupt_batch
-from pretrain.data.tokenizer import check_vocabulary, load_tokenizer, special_ids
+from pretrain.data.tokenizer import add_tokens_from, check_vocabulary, load_tokenizer, special_ids
 from pretrain.errors import UserError
 from pretrain.training.optim import OptimizerName, ScheduleName, build_optimizer, schedule_factor, skip_if_not_finite
 
@@ -76,6 +76,8 @@ class PretrainingModule(pl.LightningModule):
             that disagrees is refused), its backbone weights are loaded, and so is each head of the objectives that
             the source has under the same name (mlm, nsp, sop, rtd, clm); the others start fresh. What was loaded,
             what is new and what of the source is not used is printed before the first step.
+        add_tokens: domain tokens added to the tokenizer (`data.add_tokens`, linked): with `init_from`, the
+            embeddings grow by as many rows, each the mean of the source's rows.
         max_skipped_steps: a step whose gradient norm is not finite (a NaN or infinite loss) is skipped on the device
             (weights and optimizer state unchanged; no host sync) and counted; the run stops, with its last good
             checkpoint intact, once this many steps in a row were skipped (read at the logging steps and at the end).
@@ -101,15 +103,22 @@ class PretrainingModule(pl.LightningModule):
         compile: bool = False,
         max_skipped_steps: int = 10,
         init_from: str | None = None,
+        add_tokens: str | None = None,
     ):
         super().__init__()
         if not objectives:
             raise UserError("model.objectives is empty: give at least one objective (e.g. objectives.MaskedLM)")
+        loaded = load_tokenizer(tokenizer) if tokenizer else None
+        if loaded is not None and add_tokens:  # the data's domain tokens (`data.add_tokens`, linked)
+            add_tokens_from(loaded, add_tokens)
         source = None
         if init_from is not None:  # continued pretraining: the architecture and the weights come from the source
-            from pretrain.training.init_from import load_source, source_architecture
+            from pretrain.training.init_from import grow_vocabulary, load_source, source_architecture, tokenizer_fits
 
             source = load_source(init_from)
+            if loaded is not None:
+                tokenizer_fits(loaded, source.tokenizer, tokenizer, init_from)
+                grow_vocabulary(source.model, loaded.get_vocab_size())  # tokens added for this run: new rows
             backbone = source_architecture(source.config, backbone, init_from)
         elif backbone is None:
             raise UserError("model.backbone is missing: give the architecture (see configs/), or model.init_from to "
@@ -122,10 +131,6 @@ class PretrainingModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["backbone", "objectives"])
         self.hparams["backbone"] = dataclasses.asdict(backbone)
         self.backbone = Transformer(backbone)
-        loaded = load_tokenizer(tokenizer) if tokenizer else None
-        if source is not None and loaded is not None and loaded.get_vocab() != source.tokenizer.get_vocab():
-            raise UserError(f"data.tokenizer {tokenizer} is not the tokenizer of model.init_from {init_from}: the "
-                            "source's embeddings belong to its own; leave data.tokenizer out to use it")
         self.tokenizer_json = loaded.to_str() if loaded else None
         tokens = token_ids(loaded, backbone.vocab_size) if loaded else None
         for objective in objectives:

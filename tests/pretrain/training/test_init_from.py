@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+import pretrain
 from objectives import CausalLM, MaskedLM, SentenceOrderPrediction
 from pretrain.cli import main
 from pretrain.data.tokenizer import load_tokenizer
@@ -138,3 +139,33 @@ def test_a_llama_source_starts_at_its_own_loss(workdir):
     theirs = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels).loss
     ours, theirs = float(ours.detach()), float(theirs.detach())
     assert abs(ours - theirs) <= 1e-5 * abs(theirs), (ours, theirs)
+
+
+def test_domain_tokens_are_added_with_mean_rows_and_carried_by_the_checkpoint(workdir, tmp_path, capsys):
+    parity = parity_module()
+    directory, _, _ = hugging_face_source("bert", workdir, parity.Settings(steps=2))
+    source = PretrainingModule(objectives=[MaskedLM()], init_from=str(directory), tokenizer=str(directory))
+    size = source.backbone.config.vocab_size
+    existing = load_tokenizer(directory).id_to_token(100)
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"zyxwvut\n{existing}\n\nqqqqrrr\nzyxwvut\n")
+    common = ["fit", "-c", str(CONFIGS / "continue-mlm.yaml"), "--model.init_from", str(directory),
+              "--data.files", f"[{BUNDLED_CORPUS}]", "--data.max_length", "32", "--data.cache_dir",
+              str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.accelerator",
+              "cpu", "--trainer.max_steps", "1", "--model.learning_rate", "0", "--trainer.limit_val_batches", "0",
+              "--trainer.enable_progress_bar", "false", "--data.add_tokens", str(tokens)]
+    assert main(common) == 0
+    out = capsys.readouterr().out
+    assert f"added 2 tokens from {tokens} (ids {size:,}-{size + 1:,}); already in the vocabulary, skipped: " \
+           f"{existing}" in out
+    continued = pretrain.load(tmp_path / "run" / "checkpoints" / "last.ckpt")  # what export writes, too
+    assert continued.config.vocab_size == size + 2
+    assert continued.tokenizer.encode("zyxwvut", add_special_tokens=False).ids == [size]
+    rows = continued.model.backbone.embeddings.word.weight
+    # learning rate 0: the new rows are still the mean of the source's rows, which are unchanged
+    torch.testing.assert_close(rows[:size], source.backbone.embeddings.word.weight)
+    torch.testing.assert_close(rows[size:], rows[:size].mean(0).expand(2, -1))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    assert main([*common[:-1], str(empty), "--trainer.default_root_dir", str(tmp_path / "other")]) == 2
+    assert f"data.add_tokens {empty} holds no token" in capsys.readouterr().err
