@@ -192,6 +192,8 @@ class PretrainingDataModule(pl.LightningDataModule):
             raise UserError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
         self.save_hyperparameters()
         self.tokenizer_origin = self._tokenizer_ready()
+        if self.tokenizer_origin:
+            print(f"tokenizer: {tokenizer} ({self.tokenizer_origin})", flush=True)
         self.tokenizer = load_tokenizer(tokenizer)
         if add_tokens:  # (the model, given the same file, adds the same tokens to its copy)
             added, known = add_tokens_from(self.tokenizer, add_tokens)
@@ -205,9 +207,9 @@ class PretrainingDataModule(pl.LightningDataModule):
         self.position = {"epoch": 0, "batches": 0}  # training batches this rank consumed in this epoch
         self._resume_from: dict[str, int] | None = None
 
-    def _tokenizer_ready(self) -> str:
+    def _tokenizer_ready(self) -> str | None:
         """Train the tokenizer if it is to be trained and is not there yet; check that one found there was trained on
-        this corpus. Says which it is, and returns it in words."""
+        this corpus. Returns which it is, in words (None: there is none; loading it says so)."""
         hp = self.hparams
         path = Path(hp.tokenizer)
         if hp.train_tokenizer and not path.exists():
@@ -219,33 +221,25 @@ class PretrainingDataModule(pl.LightningDataModule):
                     trained, _ = train_tokenizer_on_files(hp.files, hp.train_tokenizer, hp.tokenizer_vocab_size, path,
                                                           hp.text_field, hp.documents_by, hp.clean,
                                                           cache_dir=Path(hp.cache_dir) / "datasets")
-                    origin = f"trained now: {trained.get_vocab_size():,} tokens" + size_note(
+                    return f"trained now: {trained.get_vocab_size():,} tokens" + size_note(
                         trained, hp.tokenizer_vocab_size)
-                    print(f"tokenizer: {path} ({origin})", flush=True)
-                    return origin
         record = read_provenance(path) if path.is_file() else None
         if record is None:
-            origin = "given: trained elsewhere, no record of its corpus" if path.exists() else "missing"
-        else:
-            wanted = {"text_field": hp.text_field, "clean": hp.clean}
-            if hp.train_tokenizer:
-                wanted |= {"kind": hp.train_tokenizer, "vocab_size": hp.tokenizer_vocab_size}
-            mismatch = provenance_mismatch(record, resolve_files(hp.files), wanted)
-            if mismatch and not hp.train_tokenizer:  # named as the tokenizer to use, not as this run's to train
-                origin = f"given: trained for something else: {mismatch}"
-                print(f"tokenizer: {path} ({origin})", flush=True)
-                return origin
-            if mismatch and not hp.reuse_tokenizer:
-                raise UserError(
-                    f"the tokenizer {path} was trained for something else: {mismatch}. Give a new path to train one "
-                    f"for this run (--data.tokenizer runs/tokenizers/NAME/tokenizer.json), or use this one on purpose "
-                    f"with --data.reuse_tokenizer true")
-            origin = (f"reused on purpose (reuse_tokenizer), trained for something else: {mismatch}" if mismatch else
-                      f"reused: trained on this corpus ({describe_files(record['files'])}), {record['tokens']:,} "
-                      "tokens")
-        if origin != "missing":
-            print(f"tokenizer: {path} ({origin})", flush=True)
-        return origin
+            return "given: trained elsewhere, no record of its corpus" if path.exists() else None
+        wanted = {"text_field": hp.text_field, "clean": hp.clean}
+        if hp.train_tokenizer:
+            wanted |= {"kind": hp.train_tokenizer, "vocab_size": hp.tokenizer_vocab_size}
+        mismatch = provenance_mismatch(record, resolve_files(hp.files), wanted)
+        if not mismatch:
+            return f"reused: trained on this corpus ({describe_files(record['files'])}), {record['tokens']:,} tokens"
+        if not hp.train_tokenizer:  # named as the tokenizer to use, not as this run's to train
+            return f"given: trained for something else: {mismatch}"
+        if not hp.reuse_tokenizer:
+            raise UserError(
+                f"the tokenizer {path} was trained for something else: {mismatch}. Give a new path to train one "
+                f"for this run (--data.tokenizer runs/tokenizers/NAME/tokenizer.json), or use this one on purpose "
+                f"with --data.reuse_tokenizer true")
+        return f"reused on purpose (reuse_tokenizer), trained for something else: {mismatch}"
 
     @property
     def vocab_size(self) -> int:

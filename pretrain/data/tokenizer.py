@@ -225,12 +225,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def _read_tokenizer(path: Path) -> Tokenizer:
-    from pretrain.training.checkpoints import is_sharded_checkpoint
+    from pretrain.training.checkpoints import contents_file, is_sharded_checkpoint
 
     if path.suffix == ".ckpt" and (path.is_file() or is_sharded_checkpoint(path)):  # a checkpoint's own tokenizer
-        from pretrain.downstream.pretrained import load
+        import torch  # (its tensors memory-mapped, not read)
 
-        return load(path).tokenizer
+        saved = torch.load(contents_file(path), map_location="cpu", weights_only=True, mmap=True).get("pretrain")
+        if not saved or not saved.get("tokenizer"):
+            raise UserError(f"{path} holds no tokenizer: give data.tokenizer")
+        return Tokenizer.from_str(saved["tokenizer"])
     if path.is_dir():
         for name in ("tokenizer.json", "vocab.txt", "vocab.json"):
             if (path / name).is_file():

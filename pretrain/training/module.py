@@ -19,6 +19,7 @@ from objectives.base import backbone_inputs, corrupt_batch
 from pretrain.data.tokenizer import add_tokens_from, check_vocabulary, load_tokenizer, special_ids
 from pretrain.errors import UserError
 from pretrain.training.optim import OptimizerName, ScheduleName, build_optimizer, schedule_factor, skip_if_not_finite
+from pretrain.training.preflight import length_problem
 
 # Settings a resumed run may change (applied to the restored optimizer and schedule, and said); the architecture,
 # the objectives, the optimizer's kind and the tokenizer may not.
@@ -282,11 +283,8 @@ class PretrainingModule(pl.LightningModule):
         settings = dict(getattr(data, "hparams", {}))
         problems = data_mismatches(list(self.objectives), settings)
         config = self.backbone.config
-        length = settings.get("max_length")
-        if length and config.position_embedding == "learned" and length > config.max_position_embeddings:
-            problems.append(f"data.max_length {length} is longer than the model's {config.max_position_embeddings} "
-                            f"positions: set --data.max_length {config.max_position_embeddings} or raise "
-                            "model.backbone.max_position_embeddings")
+        problems += length_problem(settings.get("max_length"), config.max_position_embeddings,
+                                   config.position_embedding)
         tokenizer = getattr(data, "tokenizer", None)
         if isinstance(tokenizer, Tokenizer) and tokenizer.get_vocab_size() > config.vocab_size:
             problems.append(f"the data's tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size "

@@ -49,6 +49,14 @@ def objectives_of(model: Any) -> list:
     return built
 
 
+def length_problem(max_length: int | None, positions: int | None, position_embedding: str) -> list[str]:
+    """Examples longer than the learned positions (one line, or none). Also `PretrainingModule.check_data`'s."""
+    if position_embedding != "learned" or not max_length or not positions or max_length <= positions:
+        return []
+    return [f"data.max_length {max_length} is longer than the model's {positions} positions: set --data.max_length "
+            f"{positions} or raise model.backbone.max_position_embeddings"]
+
+
 def data_problems(model: Any, data: Any) -> list[str]:
     """The objectives against the data layout, the data's length against the positions, the tokenizer (to be
     trained, or found) against the model's vocabulary, and the corpus files."""
@@ -66,10 +74,7 @@ def data_problems(model: Any, data: Any) -> list[str]:
         pass  # an objective refuses its own arguments: said, as before, where it is built
     backbone = value(model, "backbone")
     positions, vocab_size = value(backbone, "max_position_embeddings"), value(backbone, "vocab_size")
-    if (value(backbone, "position_embedding", "learned") == "learned" and positions
-            and settings["max_length"] > positions):
-        problems.append(f"data.max_length {settings['max_length']} is longer than the model's {positions} positions: "
-                        f"set --data.max_length {positions} or raise model.backbone.max_position_embeddings")
+    problems += length_problem(settings["max_length"], positions, value(backbone, "position_embedding", "learned"))
     tokenizer = value(data, "tokenizer")
     if tokenizer and vocab_size:
         if Path(tokenizer).exists():

@@ -96,6 +96,14 @@ def test_the_continue_recipes_run_from_a_hugging_face_model_and_resume(name, rec
     assert main([*common, "--trainer.max_steps", "6", "--ckpt_path", "last"]) == 0
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == 6 and saved["hyper_parameters"]["init_from"] == str(directory)
+    # a checkpoint of this project as the source: a new run from its weights, its tokenizer read from it
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    again = [*common, "--trainer.max_steps", "1"]
+    again[again.index(str(directory))] = str(checkpoint)
+    again[again.index(str(tmp_path / "run"))] = str(tmp_path / "again")
+    assert main(again) == 0
+    out = capsys.readouterr().out
+    assert f"init_from {checkpoint}: the backbone (" in out and f"tokenizer: {checkpoint} (given" in out
     # exported, the continued model is its family's Hugging Face class again: every key in place, our logits
     (tmp_path / "exports").mkdir()
     check_exports(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "exports")
