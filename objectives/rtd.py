@@ -44,6 +44,8 @@ class ReplacedTokenDetection(Objective):
     "original" everywhere scores 1 - replaced_fraction in aggregate) and the mean cosine similarity of its token
     states (near 1: collapsed).
     ELECTRA masks with [MASK] 85 % of the time and keeps the token otherwise (`replace_probs`).
+    `generator_size` scales the generator's width (default 0.25; a run continued from a released generator,
+    `model.init_generator_from`, takes that generator's).
     """
 
     name = "rtd"
@@ -53,7 +55,7 @@ class ReplacedTokenDetection(Objective):
         self,
         mask_token_id: int | None = None,
         special_ids: Sequence[int] | None = None,
-        generator_size: float = 0.25,
+        generator_size: float | None = None,
         mask_prob: float = 0.15,
         replace_probs: tuple[float, float, float] = (0.85, 0.0, 0.15),
         temperature: float = 1.0,
@@ -65,14 +67,14 @@ class ReplacedTokenDetection(Objective):
             raise ValueError(f"temperature must be positive, got {temperature}")
         # The generator is a small MLM model: its masking, output layer and loss are MaskedLM's.
         self.generator_mlm = MaskedLM(mask_token_id, special_ids, mask_prob, replace_probs)
-        self.generator_size = generator_size
+        self.generator_size = generator_size  # None: 0.25, or the size of the generator a run continues from
         self.temperature = temperature
         self.discriminator_weight = discriminator_weight
 
     def bind(self, backbone: Transformer, tokens: TokenIds | None = None) -> None:
         mask, special = resolve_masking_ids("ReplacedTokenDetection", self.generator_mlm.mask_token_id,
                                             self.generator_mlm.special_ids, tokens)
-        self.generator = Transformer(generator_config(backbone.config, self.generator_size))
+        self.generator = Transformer(generator_config(backbone.config, self.generator_size or 0.25))
         # Google's ELECTRA shares the whole embeddings scope: token, position and segment tables and the embedding
         # LayerNorm (the same modules, hence the same tensors); each network keeps its own projection to its width.
         for name, module in backbone.embeddings.named_children():

@@ -23,17 +23,19 @@ if TYPE_CHECKING:
 TRAINING_FIELDS = ("dropout", "attention_dropout")
 
 
-def load_source(path: str | Path) -> Pretrained:
+def load_source(path: str | Path | None, option: str = "model.init_from") -> Pretrained:
     from pretrain.downstream.pretrained import load
 
+    if path is None:
+        raise UserError(f"{option} is missing")
     path = Path(path)
     if not path.exists() and not path.is_symlink():
-        raise UserError(f"model.init_from {path} does not exist: give a Hugging Face model directory, a directory "
+        raise UserError(f"{option} {path} does not exist: give a Hugging Face model directory, a directory "
                         "written by pretrain export, or a checkpoint of pretrain fit")
     try:
         return load(path)
     except UserError as error:
-        raise UserError(f"model.init_from {path}: {error}") from None
+        raise UserError(f"{option} {path}: {error}") from None
 
 
 def source_architecture(source: TransformerConfig, recipe: TransformerConfig | None, path: str) -> TransformerConfig:
@@ -103,3 +105,69 @@ def grow_vocabulary(model: ModelWithHeads, size: int) -> None:
         for head in model.heads.values():
             if isinstance(head, LMHead) and not head.tied:
                 head.weight[old:] = head.weight[:old].mean(0)
+
+
+def generator_path(init_from: str | None, init_generator_from: str | None, electra: bool) -> str | None:
+    """Where an ELECTRA run's generator comes from: `model.init_generator_from`, or the directory that Google's and
+    Hugging Face's releases put beside the discriminator (electra-small-discriminator, electra-small-generator)."""
+    if init_generator_from is not None:
+        if not electra:
+            raise UserError("model.init_generator_from is ELECTRA's generator: this recipe has no "
+                            "ReplacedTokenDetection objective; leave it out")
+        if init_from is None:
+            raise UserError("model.init_generator_from needs model.init_from (the discriminator the generator serves)")
+        return init_generator_from
+    if init_from is None or not electra:
+        return None
+    path = Path(init_from)
+    beside = path.with_name(path.name.replace("discriminator", "generator"))
+    return str(beside) if "discriminator" in path.name and beside.is_dir() else None
+
+
+def generator_size(source: TransformerConfig, discriminator: TransformerConfig, asked: float | None,
+                   path: str) -> float:
+    """The generator size (a share of the discriminator's width) that rebuilds the source's generator; a recipe's
+    `generator_size` must agree with it."""
+    from objectives.rtd import generator_config
+
+    size = source.hidden_size / discriminator.hidden_size
+    built = generator_config(discriminator, size)
+    differ = [f"{field.name} {getattr(source, field.name)!r} (a generator of this discriminator: "
+              f"{getattr(built, field.name)!r})" for field in dataclasses.fields(TransformerConfig)
+              if field.name not in TRAINING_FIELDS and getattr(source, field.name) != getattr(built, field.name)]
+    if differ:
+        raise UserError(f"model.init_generator_from {path} is not a generator of the discriminator: "
+                        + "; ".join(differ))
+    if asked is not None and generator_config(discriminator, asked) != generator_config(discriminator, size):
+        raise UserError(f"ReplacedTokenDetection's generator_size {asked} contradicts model.init_generator_from "
+                        f"{path} (a generator {size:.4g} of the discriminator's width): leave generator_size out")
+    return size
+
+
+def load_generator(generator: nn.Module, head: LMHead, source: Pretrained, path: str) -> list[str]:
+    """ELECTRA's generator from its own source (ElectraForMaskedLM): its layers, its projection to its width and its
+    MLM head. Its embedding tables and LayerNorm are the discriminator's (ELECTRA shares them): the source's own
+    copies are compared, not loaded, and said where they differ."""
+    ours, theirs = generator.state_dict(), source.model.backbone.state_dict()
+    shared = [key for key in ours if key.startswith("embeddings.") and not key.startswith("embeddings.projection.")]
+    generator.load_state_dict({key: ours[key] if key in shared else theirs[key] for key in ours})
+    lines = [f"init_generator_from {path}: the generator ({sum(p.numel() for p in generator.parameters()):,} "
+             "parameters, the discriminator's embeddings among them, as ELECTRA shares them)"]
+    match = source.model.heads["mlm"] if "mlm" in source.model.heads else None
+    if match is not None and type(match) is type(head) and same_shapes(head, match):
+        state = match.state_dict()
+        if head.tied:  # the shared embeddings: the discriminator's, already in place
+            state["weight"] = head.weight
+        head.load_state_dict(state)
+        lines[0] += ", its head mlm loaded"
+    else:
+        lines[0] += " loaded"
+        lines.append("  new (fresh weights): the generator's head mlm (the source has none of this kind and shape)")
+    unused = [name for name in source.model.heads if name != "mlm" or not lines[0].endswith("head mlm loaded")]
+    if unused:
+        lines.append(f"  not used: the generator source's heads {', '.join(unused)} (the generator is trained by MLM)")
+    differ = [key for key in shared if not torch.equal(ours[key], theirs[key])]
+    if differ:
+        lines.append(f"  not used: the generator source's own {', '.join(differ)} (they differ from the "
+                     "discriminator's, which both networks use)")
+    return lines

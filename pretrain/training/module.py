@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
 from models import Transformer, TransformerConfig, head_spec
-from objectives import Batch, Objective, ObjectiveOutput, TokenIds, check_combination
+from objectives import Batch, Objective, ObjectiveOutput, ReplacedTokenDetection, TokenIds, check_combination
 from objectives.base import backbone_inputs, corrupt_batch
 from pretrain.data.tokenizer import add_tokens_from, check_vocabulary, load_tokenizer, special_ids
 from pretrain.errors import UserError
@@ -77,6 +77,10 @@ class PretrainingModule(pl.LightningModule):
             that disagrees is refused), its backbone weights are loaded, and so is each head of the objectives that
             the source has under the same name (mlm, nsp, sop, rtd, clm); the others start fresh. What was loaded,
             what is new and what of the source is not used is printed before the first step.
+        init_generator_from: ELECTRA's generator to continue (a Hugging Face ElectraForMaskedLM directory, ...) beside
+            the discriminator of `init_from`; by default the directory Google's and Hugging Face's releases put
+            beside it (electra-*-discriminator -> electra-*-generator) when there is one, else a fresh generator.
+            Its size comes from it; the embeddings stay the discriminator's (ELECTRA shares them).
         add_tokens: domain tokens added to the tokenizer (`data.add_tokens`, linked): with `init_from`, the
             embeddings grow by as many rows, each the mean of the source's rows.
         max_skipped_steps: a step whose gradient norm is not finite (a NaN or infinite loss) is skipped on the device
@@ -104,6 +108,7 @@ class PretrainingModule(pl.LightningModule):
         compile: bool = False,
         max_skipped_steps: int = 10,
         init_from: str | None = None,
+        init_generator_from: str | None = None,
         add_tokens: str | None = None,
     ):
         super().__init__()
@@ -112,15 +117,23 @@ class PretrainingModule(pl.LightningModule):
         loaded = load_tokenizer(tokenizer) if tokenizer else None
         if loaded is not None and add_tokens:  # the data's domain tokens (`data.add_tokens`, linked)
             add_tokens_from(loaded, add_tokens)
-        source = None
-        if init_from is not None:  # continued pretraining: the architecture and the weights come from the source
-            from pretrain.training.init_from import grow_vocabulary, load_source, source_architecture, tokenizer_fits
+        source = generator_source = None
+        electra = next((o for o in objectives if isinstance(o, ReplacedTokenDetection)), None)
+        if init_from is not None or init_generator_from is not None:  # continued pretraining: from the source
+            from pretrain.training import init_from as continued
 
-            source = load_source(init_from)
-            if loaded is not None:
-                tokenizer_fits(loaded, source.tokenizer, tokenizer, init_from)
-                grow_vocabulary(source.model, loaded.get_vocab_size())  # tokens added for this run: new rows
-            backbone = source_architecture(source.config, backbone, init_from)
+            init_generator_from = continued.generator_path(init_from, init_generator_from, electra is not None)
+            source = continued.load_source(init_from)
+            if init_generator_from is not None:
+                generator_source = continued.load_source(init_generator_from, "model.init_generator_from")
+            for model in (source, generator_source):
+                if loaded is not None and model is not None:
+                    continued.tokenizer_fits(loaded, model.tokenizer, tokenizer, init_from)
+                    continued.grow_vocabulary(model.model, loaded.get_vocab_size())  # tokens added here: new rows
+            backbone = continued.source_architecture(source.config, backbone, init_from)
+            if generator_source is not None:
+                electra.generator_size = continued.generator_size(generator_source.config, backbone,
+                                                                  electra.generator_size, init_generator_from)
         elif backbone is None:
             raise UserError("model.backbone is missing: give the architecture (see configs/), or model.init_from to "
                             "continue a model that exists")
@@ -139,9 +152,13 @@ class PretrainingModule(pl.LightningModule):
         self.objectives = nn.ModuleList(objectives)
         self.init_report: list[str] = []
         if source is not None:
-            from pretrain.training.init_from import load_weights
-
-            self.init_report = load_weights(self.backbone, self.heads(), source, init_from)
+            self.init_report = continued.load_weights(self.backbone, self.heads(), source, init_from)
+            if generator_source is not None:
+                self.init_report += continued.load_generator(electra.generator, electra.generator_mlm.head,
+                                                             generator_source, init_generator_from)
+            elif electra is not None:
+                self.init_report.append("  new (fresh weights): ELECTRA's generator (model.init_generator_from "
+                                        "continues a released one)")
             print("\n".join(self.init_report), flush=True)
         self.accuracy = nn.ModuleDict({
             f"{stage}_{o.name}": MeanMetric(nan_strategy="disable") for stage in ("train", "val") for o in objectives

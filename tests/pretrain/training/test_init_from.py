@@ -80,10 +80,14 @@ def test_a_contradicting_architecture_or_a_bad_path_is_refused(workdir):
 
 
 @pytest.mark.parametrize("name, recipe, head", [("gpt2", "continue-clm.yaml", "clm"),
-                                                ("bert", "continue-mlm.yaml", "mlm")])
+                                                ("bert", "continue-mlm.yaml", "mlm"),
+                                                ("electra", "continue-electra.yaml", "rtd")])
 def test_the_continue_recipes_run_from_a_hugging_face_model_and_resume(name, recipe, head, workdir, tmp_path, capsys):
     parity = parity_module()
-    directory, _, _ = hugging_face_source(name, workdir, parity.Settings(steps=2))
+    if name == "electra":  # the discriminator, its generator beside it
+        (directory, generator), _, _ = electra_release(workdir)
+    else:
+        directory, _, _ = hugging_face_source(name, workdir, parity.Settings(steps=2))
     common = ["fit", "-c", str(CONFIGS / recipe), "--model.init_from", str(directory),
               "--data.files", f"[{BUNDLED_CORPUS}]", "--data.max_length", "32", "--data.cache_dir",
               str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.accelerator",
@@ -93,6 +97,8 @@ def test_the_continue_recipes_run_from_a_hugging_face_model_and_resume(name, rec
     out = capsys.readouterr().out
     assert f"init_from {directory}: the backbone (" in out and f"heads {head}" in out
     assert f"tokenizer: {directory} (given" in out  # the source's tokenizer, not one trained here
+    if name == "electra":
+        assert f"init_generator_from {generator}: the generator (" in out
     assert main([*common, "--trainer.max_steps", "6", "--ckpt_path", "last"]) == 0
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == 6 and saved["hyper_parameters"]["init_from"] == str(directory)
@@ -113,7 +119,8 @@ def test_the_continue_recipes_run_from_a_hugging_face_model_and_resume(name, rec
     _, info = getattr(transformers, architecture).from_pretrained(tmp_path / "exports" / "hf",
                                                                   output_loading_info=True)
     # (the source's NSP head is not trained here: BERT comes back as BertForMaskedLM)
-    assert architecture == {"gpt2": "GPT2LMHeadModel", "bert": "BertForMaskedLM"}[name]
+    assert architecture == {"gpt2": "GPT2LMHeadModel", "bert": "BertForMaskedLM",
+                            "electra": "ElectraForPreTraining"}[name]
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
@@ -149,6 +156,34 @@ def test_a_llama_source_starts_at_its_own_loss(workdir):
     assert abs(ours - theirs) <= 1e-5 * abs(theirs), (ours, theirs)
 
 
+def test_a_modernbert_source_starts_at_its_own_loss(workdir):
+    """ModernBERT (local and global attention layers, two rotary bases, GeGLU, no biases): the first masked-LM loss is
+    ModernBertForMaskedLM's on the same batch and masks."""
+    import transformers
+
+    from objectives.base import corrupt_batch
+    from tests.models.test_hf_parity import modernbert_config
+
+    parity = parity_module()
+    batches, tokenizer = parity.make_batches(parity.FAMILIES["roberta"], parity.Settings(steps=1), workdir)
+    config = modernbert_config()
+    config.vocab_size = load_tokenizer(tokenizer).get_vocab_size()
+    torch.manual_seed(0)
+    model = transformers.ModernBertForMaskedLM(config)
+    directory = workdir / "hf-modernbert"
+    model.save_pretrained(directory)
+    shutil.copy(tokenizer, directory / "tokenizer.json")
+    module = PretrainingModule(objectives=[MaskedLM()], init_from=str(directory), tokenizer=str(directory))
+    assert "heads mlm loaded" in module.init_report[0]
+    batch = {key: value for key, value in batches[0].items() if key != "token_type_ids"}
+    seed = (torch.device("cpu"), 0, 0, 0)
+    ours, _ = module(batch, module.corruption_generator(*seed))
+    masked = corrupt_batch(list(module.objectives), batch, module.corruption_generator(*seed))
+    theirs = model(masked["input_ids"], attention_mask=batch.get("attention_mask"), labels=masked["mlm_labels"]).loss
+    ours, theirs = float(ours.detach()), float(theirs.detach())
+    assert abs(ours - theirs) <= 1e-5 * abs(theirs), (ours, theirs)
+
+
 def test_domain_tokens_are_added_with_mean_rows_and_carried_by_the_checkpoint(workdir, tmp_path, capsys):
     parity = parity_module()
     directory, _, _ = hugging_face_source("bert", workdir, parity.Settings(steps=2))
@@ -177,3 +212,87 @@ def test_domain_tokens_are_added_with_mean_rows_and_carried_by_the_checkpoint(wo
     empty.write_text("\n \n")
     assert main([*common[:-1], str(empty), "--trainer.default_root_dir", str(tmp_path / "other")]) == 2
     assert f"data.add_tokens {empty} holds no token" in capsys.readouterr().err
+
+
+def electra_release(workdir):
+    """A random ELECTRA discriminator and generator saved as Google's and Hugging Face's releases lay them out
+    (NAME-discriminator and NAME-generator side by side), their batches and the two Hugging Face models."""
+    parity = parity_module()
+    settings = parity.Settings(steps=2)
+    batches, tokenizer = parity.make_batches(parity.FAMILIES["electra"], settings, workdir)
+    module = parity.build_module("electra", tokenizer, settings)
+    discriminator, generator = parity.hugging_face_models(module)
+    directories = workdir / "electra-tiny-discriminator", workdir / "electra-tiny-generator"
+    for model, directory in zip((discriminator, generator), directories, strict=True):
+        model.save_pretrained(directory)
+        shutil.copy(tokenizer, directory / "tokenizer.json")
+    return directories, batches, [discriminator, generator]
+
+
+def test_an_electra_release_starts_at_its_own_loss_generator_included(workdir):
+    """Discriminator and generator from their own directories (the generator found beside the discriminator): the
+    first loss is ElectraForMaskedLM's + 50 x ElectraForPreTraining's on the same masks and replacements."""
+    from objectives import ReplacedTokenDetection
+    from objectives.base import corrupt_batch
+
+    parity = parity_module()
+    (discriminator, generator), batches, models = electra_release(workdir)
+    module = PretrainingModule(objectives=[ReplacedTokenDetection()], init_from=str(discriminator),
+                               tokenizer=str(discriminator))
+    report = "\n".join(module.init_report)
+    assert "heads rtd loaded" in report and f"init_generator_from {generator}: the generator (" in report
+    assert "its head mlm loaded" in report and "not used" not in report  # its embeddings are the discriminator's
+    electra = module.objectives[0]
+    assert electra.generator.config.hidden_size == module.backbone.config.hidden_size // 4
+    assert electra.generator.embeddings.word is module.backbone.embeddings.word
+    seed = (torch.device("cpu"), 0, 0, 0)
+    ours, _ = module(batches[0], module.corruption_generator(*seed))
+    replaced = corrupt_batch(list(module.objectives), batches[0], module.corruption_generator(*seed))["input_ids"]
+    theirs, _ = parity.reference_loss([m.train() for m in models], list(module.objectives), batches[0],
+                                      module.corruption_generator(*seed), replaced)
+    ours, theirs = float(ours.detach()), float(theirs.detach())
+    assert abs(ours - theirs) <= 1e-5 * abs(theirs), (ours, theirs)
+
+
+def test_an_electra_generator_that_does_not_fit_is_refused_or_said(workdir, tmp_path):
+    from objectives import ReplacedTokenDetection
+
+    (discriminator, generator), _, _ = electra_release(workdir)
+    with pytest.raises(UserError, match=r"generator_size 0.5 contradicts model.init_generator_from .*\(a generator "
+                                        r"0.25 of the discriminator's width\): leave generator_size out"):
+        PretrainingModule(objectives=[ReplacedTokenDetection(generator_size=0.5)], init_from=str(discriminator),
+                          tokenizer=str(discriminator))
+    with pytest.raises(UserError, match="model.init_generator_from is ELECTRA's generator: this recipe has no "
+                                        "ReplacedTokenDetection"):
+        PretrainingModule(objectives=[MaskedLM()], init_from=str(discriminator), init_generator_from=str(generator),
+                          tokenizer=str(discriminator))
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(generator)
+    config.num_hidden_layers = 1
+    transformers.ElectraForMaskedLM(config).save_pretrained(tmp_path / "shallow")
+    shutil.copy(generator / "tokenizer.json", tmp_path / "shallow" / "tokenizer.json")
+    with pytest.raises(UserError, match=r"is not a generator of the discriminator: num_layers 1 \(a generator of "
+                                        r"this discriminator: 2\)"):
+        PretrainingModule(objectives=[ReplacedTokenDetection()], init_from=str(discriminator),
+                          init_generator_from=str(tmp_path / "shallow"), tokenizer=str(discriminator))
+    # the discriminator as its own generator (a generator as wide as it, as in the electra-small release): fine,
+    # and the discriminator head it has is said not to be used
+    module = PretrainingModule(objectives=[ReplacedTokenDetection()], init_from=str(discriminator),
+                               init_generator_from=str(discriminator), tokenizer=str(discriminator))
+    assert module.objectives[0].generator.config.hidden_size == module.backbone.config.hidden_size
+    assert "not used: the generator source's heads rtd" in "\n".join(module.init_report)
+    # a generator whose own embeddings differ from the discriminator's: the discriminator's are used, and it is said
+    model = transformers.ElectraForMaskedLM.from_pretrained(generator)
+    with torch.no_grad():
+        model.electra.embeddings.LayerNorm.weight.add_(1.0)
+    model.save_pretrained(tmp_path / "other")
+    shutil.copy(generator / "tokenizer.json", tmp_path / "other" / "tokenizer.json")
+    module = PretrainingModule(objectives=[ReplacedTokenDetection()], init_from=str(discriminator),
+                               init_generator_from=str(tmp_path / "other"), tokenizer=str(discriminator))
+    assert "not used: the generator source's own embeddings.norm.weight" in "\n".join(module.init_report)
+    # a discriminator alone: the generator starts fresh, and that is said
+    alone = tmp_path / "alone"
+    shutil.copytree(discriminator, alone)
+    module = PretrainingModule(objectives=[ReplacedTokenDetection()], init_from=str(alone), tokenizer=str(alone))
+    assert "new (fresh weights): ELECTRA's generator" in "\n".join(module.init_report)
