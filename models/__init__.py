@@ -1,6 +1,6 @@
 """Pure PyTorch models: the configurable Transformer backbone, its heads, and Hugging Face weight interop."""
 
-from models.config import PRESETS, TransformerConfig
+from models.config import PRESETS, ConfigError, TransformerConfig
 from models.heads import (
     ClassificationHead,
     Head,
@@ -18,7 +18,7 @@ from models.hf import from_hf, to_hf
 from models.transformer import Transformer
 
 __all__ = [
-    "PRESETS", "TransformerConfig", "Transformer", "Head", "LMHead", "Pooler", "ClassificationHead", "SequenceHead",
-    "LastTokenClassifier", "MeanPoolingClassifier", "TokenScorer",
+    "PRESETS", "ConfigError", "TransformerConfig", "Transformer", "Head", "LMHead", "Pooler", "ClassificationHead",
+    "SequenceHead", "LastTokenClassifier", "MeanPoolingClassifier", "TokenScorer",
     "ModelWithHeads", "head_spec", "build_head", "from_hf", "to_hf",
 ]

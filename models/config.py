@@ -19,6 +19,11 @@ FeedForwardKind = Literal["mlp", "glu"]
 Sharing = Literal["none", "all", "attention", "ffn"]
 
 
+class ConfigError(ValueError):
+    """A configuration that cannot work (a model's, an objective's, an optimizer's): the user can fix it, and the
+    message says how. The CLI prints it as one line; any other exception is a bug and keeps its traceback."""
+
+
 @dataclass
 class TransformerConfig:
     vocab_size: int = 30522
@@ -73,7 +78,7 @@ class TransformerConfig:
         ):
             value = getattr(self, name)
             if value not in get_args(choices):
-                raise ValueError(f"{name}={value!r} is not one of {list(get_args(choices))}")
+                raise ConfigError(f"{name}={value!r} is not one of {list(get_args(choices))}")
         if self.embedding_norm is None:
             self.embedding_norm = self.norm_position == "post"
         if self.intermediate_size is None:
@@ -83,49 +88,50 @@ class TransformerConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "embedding_size", "max_position_embeddings", "num_shared_groups"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.type_vocab_size < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"type_vocab_size must be >= 0 (0 means no segment embeddings), got {self.type_vocab_size}"
             )
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
+            raise ConfigError(f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
         if self.local_attention_window is not None and self.local_attention_window < 2:
-            raise ValueError(f"local_attention_window must be at least 2, got {self.local_attention_window}")
+            raise ConfigError(f"local_attention_window must be at least 2, got {self.local_attention_window}")
         if self.global_attention_every < 1:
-            raise ValueError(f"global_attention_every must be at least 1, got {self.global_attention_every}")
+            raise ConfigError(f"global_attention_every must be at least 1, got {self.global_attention_every}")
         if self.local_attention_window is None and self.global_attention_every != 1:
-            raise ValueError("global_attention_every needs a local_attention_window for the other layers")
+            raise ConfigError("global_attention_every needs a local_attention_window for the other layers")
         if self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
             )
         if self.position_embedding == "rotary" and self.head_size % 2:
-            raise ValueError(f"rotary positions need an even head size, got hidden_size / num_heads = {self.head_size}")
+            raise ConfigError(f"rotary positions need an even head size, got hidden_size / num_heads = "
+                              f"{self.head_size}")
         if self.position_combine == "concat":
             if self.position_embedding == "rotary":
-                raise ValueError("position_combine='concat' needs learned or sinusoidal positions (rotary positions "
+                raise ConfigError("position_combine='concat' needs learned or sinusoidal positions (rotary positions "
                                  "act inside attention, not on the embeddings)")
             if self.position_size is None or not 0 < self.position_size < self.embedding_size:
-                raise ValueError(f"position_combine='concat' needs position_size between 1 and embedding_size - 1 "
+                raise ConfigError(f"position_combine='concat' needs position_size between 1 and embedding_size - 1 "
                                  f"({self.embedding_size - 1}), got {self.position_size}")
         elif self.position_size is not None:
-            raise ValueError(f"position_size={self.position_size} is for position_combine='concat'; leave it out "
+            raise ConfigError(f"position_size={self.position_size} is for position_combine='concat'; leave it out "
                              "with 'sum' (positions then have the embedding's width)")
         if self.position_embedding == "sinusoidal" and self.position_width % 2:
-            raise ValueError(f"sinusoidal positions need an even width, got {self.position_width}")
+            raise ConfigError(f"sinusoidal positions need an even width, got {self.position_width}")
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.sharing == "none" and self.num_shared_groups != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"num_shared_groups={self.num_shared_groups} needs cross-layer sharing: set sharing to "
                 "'all', 'attention' or 'ffn', or leave num_shared_groups at 1"
             )
         if self.num_layers % self.num_shared_groups:
-            raise ValueError(
+            raise ConfigError(
                 f"num_layers ({self.num_layers}) must be divisible by num_shared_groups ({self.num_shared_groups})"
             )
 
@@ -161,14 +167,14 @@ class TransformerConfig:
     def from_dict(cls, values: dict[str, Any]) -> TransformerConfig:
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown TransformerConfig fields: {unknown}")
+            raise ConfigError(f"unknown TransformerConfig fields: {unknown}")
         return cls(**values)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> TransformerConfig:
         """A published architecture by name (see `PRESETS`), with optional field overrides."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+            raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.config import TransformerConfig
+from models.config import ConfigError, TransformerConfig
 from models.transformer import Transformer, activation_module, init_weights
 
 # Packages whose classes a saved model may name as its heads: rebuilding a head never imports anything else.
@@ -45,10 +45,10 @@ def build_head(spec: dict[str, Any], backbone: Transformer) -> Head:
     `HEAD_PACKAGES` that are `Head`s are built: a saved file cannot make this import or call anything else."""
     module_name, _, class_name = str(spec.get("class_path", "")).rpartition(".")
     if not module_name.startswith(HEAD_PACKAGES):
-        raise ValueError(f"head class {spec.get('class_path')!r} is not in {', '.join(HEAD_PACKAGES)}: not built")
+        raise ConfigError(f"head class {spec.get('class_path')!r} is not in {', '.join(HEAD_PACKAGES)}: not built")
     cls = getattr(importlib.import_module(module_name), class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Head)):
-        raise ValueError(f"{spec.get('class_path')!r} is not a head class (models.heads.Head)")
+        raise ConfigError(f"{spec.get('class_path')!r} is not a head class (models.heads.Head)")
     return cls(backbone, **spec.get("init_args", {}))
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.config import TransformerConfig
+from models.config import ConfigError, TransformerConfig
 from models.heads import ClassificationHead, LMHead, ModelWithHeads, TokenScorer
 from models.transformer import Transformer
 
@@ -212,11 +212,11 @@ def _llama_config(c: Any) -> TransformerConfig:
     rope = getattr(c, "rope_parameters", None) or {"rope_theta": getattr(c, "rope_theta", 10000.0)}
     for field, value in (("attention_bias", False), ("mlp_bias", False)):
         if getattr(c, field, value) != value:
-            raise ValueError(f"Llama config field {field}={getattr(c, field)} has no equivalent here")
+            raise ConfigError(f"Llama config field {field}={getattr(c, field)} has no equivalent here")
     if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"Llama rope_type={rope['rope_type']!r} has no equivalent here (only 'default')")
+        raise ConfigError(f"Llama rope_type={rope['rope_type']!r} has no equivalent here (only 'default')")
     if getattr(c, "head_dim", None) not in (None, c.hidden_size // c.num_attention_heads):
-        raise ValueError(f"Llama head_dim={c.head_dim} has no equivalent here (hidden_size / num_attention_heads)")
+        raise ConfigError(f"Llama head_dim={c.head_dim} has no equivalent here (hidden_size / num_attention_heads)")
     return TransformerConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
         num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads, intermediate_size=c.intermediate_size,
@@ -230,10 +230,10 @@ def _llama_config(c: Any) -> TransformerConfig:
 
 def _modernbert_config(c: Any) -> TransformerConfig:
     if c.attention_bias != c.mlp_bias or c.mlp_bias != c.norm_bias or c.classifier_bias != c.norm_bias:
-        raise ValueError("ModernBERT with attention_bias, mlp_bias, norm_bias and classifier_bias not all equal has "
+        raise ConfigError("ModernBERT with attention_bias, mlp_bias, norm_bias and classifier_bias not all equal has "
                          "no equivalent here (one field: bias)")
     if not c.decoder_bias or c.classifier_activation != c.hidden_activation:
-        raise ValueError("ModernBERT without decoder_bias, or with classifier_activation != hidden_activation, has "
+        raise ConfigError("ModernBERT without decoder_bias, or with classifier_activation != hidden_activation, has "
                          "no equivalent here")
     rope = c.rope_parameters
     return TransformerConfig(
@@ -252,7 +252,7 @@ def config_from_hf(hf_config: Any) -> tuple[str, TransformerConfig]:
     """The family and our `TransformerConfig` for a Hugging Face config of one of the four families."""
     family = hf_config.model_type
     if family not in PREFIX:
-        raise ValueError(f"model_type {family!r} is not supported; supported: {sorted(PREFIX)}")
+        raise ConfigError(f"model_type {family!r} is not supported; supported: {sorted(PREFIX)}")
     if family == "llama":
         return family, _llama_config(hf_config)
     if family == "modernbert":
@@ -262,7 +262,7 @@ def config_from_hf(hf_config: Any) -> tuple[str, TransformerConfig]:
         for field, value in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                              ("add_cross_attention", False)):
             if getattr(c, field, value) != value:
-                raise ValueError(f"GPT-2 config field {field}={getattr(c, field)} has no equivalent here")
+                raise ConfigError(f"GPT-2 config field {field}={getattr(c, field)} has no equivalent here")
         return family, TransformerConfig(
             vocab_size=c.vocab_size, hidden_size=c.n_embd, num_layers=c.n_layer, num_heads=c.n_head,
             intermediate_size=c.n_inner or 4 * c.n_embd, max_position_embeddings=c.n_positions,
@@ -272,14 +272,14 @@ def config_from_hf(hf_config: Any) -> tuple[str, TransformerConfig]:
         )
     c = hf_config
     if getattr(c, "position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"position_embedding_type={c.position_embedding_type!r} has no equivalent here")
+        raise ConfigError(f"position_embedding_type={c.position_embedding_type!r} has no equivalent here")
     if family == "albert" and c.inner_group_num != 1:
-        raise ValueError(f"ALBERT inner_group_num={c.inner_group_num} has no equivalent here (only 1)")
+        raise ConfigError(f"ALBERT inner_group_num={c.inner_group_num} has no equivalent here (only 1)")
     if family == "albert" and c.embedding_size == c.hidden_size:
-        raise ValueError("ALBERT with embedding_size == hidden_size keeps a projection we do not have; "
+        raise ConfigError("ALBERT with embedding_size == hidden_size keeps a projection we do not have; "
                          "field embedding_size has no equivalent")
     if family == "roberta" and c.pad_token_id != ROBERTA_PAD_ID:
-        raise ValueError(f"RoBERTa with pad_token_id={c.pad_token_id} numbers its positions from another row; only "
+        raise ConfigError(f"RoBERTa with pad_token_id={c.pad_token_id} numbers its positions from another row; only "
                          f"{ROBERTA_PAD_ID} (every published RoBERTa) has an equivalent here")
     extra = {} if family in ("bert", "roberta") else dict(embedding_size=c.embedding_size)
     extra["max_position_embeddings"] = c.max_position_embeddings - (ROBERTA_OFFSET if family == "roberta" else 0)
@@ -296,7 +296,7 @@ def config_from_hf(hf_config: Any) -> tuple[str, TransformerConfig]:
 
 def _activation(name: Any) -> str:
     if name not in HF_ACTIVATIONS:
-        raise ValueError(f"activation {name!r} has no equivalent here; supported: {sorted(HF_ACTIVATIONS)}")
+        raise ConfigError(f"activation {name!r} has no equivalent here; supported: {sorted(HF_ACTIVATIONS)}")
     return HF_ACTIVATIONS[name]
 
 
@@ -323,12 +323,12 @@ def from_hf_state_dict(
     entries = _entries(family, config, heads)
     missing = sorted({k for _, keys, _ in entries for k in keys} - set(theirs))
     if missing:
-        raise ValueError(f"the {family} state dict lacks {len(missing)} weights, e.g. {missing[:3]}")
+        raise ConfigError(f"the {family} state dict lacks {len(missing)} weights, e.g. {missing[:3]}")
     ours = {key: _combine([theirs[k] for k in keys], how) for key, keys, how in entries}
     used = {k for _, keys, _ in entries for k in keys}
     unused = [k for k in theirs if k not in used and not k.endswith(IGNORED_SUFFIXES) and not k.startswith("pooler")]
     if unused:
-        raise ValueError(f"{len(unused)} weights of the {family} state dict have no place here, e.g. {unused[:3]}")
+        raise ConfigError(f"{len(unused)} weights of the {family} state dict have no place here, e.g. {unused[:3]}")
     model.load_state_dict(ours, strict=False)
     _check_complete(model, set(ours))
     return model
@@ -338,7 +338,7 @@ def from_hf(hf_model: nn.Module) -> Transformer | ModelWithHeads:
     """Convert a Hugging Face model of the four families (see `HF_CLASSES`) with its weights."""
     name = type(hf_model).__name__
     if name not in HF_CLASSES:
-        raise ValueError(f"{name} is not supported; supported classes: {sorted(HF_CLASSES)}")
+        raise ConfigError(f"{name} is not supported; supported classes: {sorted(HF_CLASSES)}")
     return from_hf_state_dict(hf_model.state_dict(), hf_model.config, heads=HF_CLASSES[name][1])
 
 
@@ -355,7 +355,7 @@ def to_hf(model: Transformer | ModelWithHeads, family: str | None = None) -> nn.
     family = family or infer_family(config, heads)
     class_name = next((n for n, (f, h) in HF_CLASSES.items() if f == family and set(h) == set(heads)), None)
     if class_name is None:
-        raise ValueError(f"no Hugging Face {family} class has exactly the heads {list(heads)}")
+        raise ConfigError(f"no Hugging Face {family} class has exactly the heads {list(heads)}")
     hf_config = hf_config_for(config, family)
     hf_class = getattr(transformers, class_name)
     base_models = ("BertModel", "AlbertModel", "RobertaModel")  # without the pooler, which is a head here
@@ -402,26 +402,26 @@ def hf_config_for(config: TransformerConfig, family: str) -> Any:
 
     if config.embedding_norm != (config.norm_position == "post") and family != "modernbert":
         implied = config.norm_position == "post"
-        raise ValueError(f"embedding_norm={config.embedding_norm} has no equivalent in Hugging Face {family} (needs "
+        raise ConfigError(f"embedding_norm={config.embedding_norm} has no equivalent in Hugging Face {family} (needs "
                          f"{implied} with {config.norm_position}-LN)")
     for field, value in ({} if family in ("llama", "modernbert") else NEWER_FIELDS).items():
         if getattr(config, field) != value:
-            raise ValueError(f"{field}={getattr(config, field)!r} has no equivalent in Hugging Face {family} "
+            raise ConfigError(f"{field}={getattr(config, field)!r} has no equivalent in Hugging Face {family} "
                              f"(needs {value!r})")
     if family == "modernbert" and (config.local_attention_window is None or config.local_rotary_base is None):
         field = "local_attention_window" if config.local_attention_window is None else "local_rotary_base"
-        raise ValueError(f"{field}=None has no equivalent in Hugging Face modernbert (its layers are local or global, "
+        raise ConfigError(f"{field}=None has no equivalent in Hugging Face modernbert (its layers are local or global, "
                          "each kind with its own rotary base)")
     if config.num_kv_heads != config.num_heads and family != "llama":
-        raise ValueError(f"num_kv_heads={config.num_kv_heads} has no equivalent in Hugging Face {family} (needs "
+        raise ConfigError(f"num_kv_heads={config.num_kv_heads} has no equivalent in Hugging Face {family} (needs "
                          f"num_heads = {config.num_heads})")
     for field, value in REQUIREMENTS[family].items():
         if getattr(config, field) != value:
-            raise ValueError(
+            raise ConfigError(
                 f"{field}={getattr(config, field)!r} has no equivalent in Hugging Face {family} (needs {value!r})"
             )
     if family in ("bert", "gpt2", "roberta", "llama") and config.embedding_size != config.hidden_size:
-        raise ValueError(f"embedding_size={config.embedding_size} has no equivalent in Hugging Face {family} "
+        raise ConfigError(f"embedding_size={config.embedding_size} has no equivalent in Hugging Face {family} "
                          f"(needs embedding_size == hidden_size = {config.hidden_size})")
     if family == "modernbert":
         activation = TO_HF_ACTIVATION[config.activation]
@@ -448,10 +448,10 @@ def hf_config_for(config: TransformerConfig, family: str) -> Any:
             initializer_range=config.initializer_range, tie_word_embeddings=config.tie_word_embeddings)
     if family == "albert" and (config.embedding_size == config.hidden_size or config.sharing not in ("all", "none")):
         field = "sharing" if config.sharing not in ("all", "none") else "embedding_size"
-        raise ValueError(f"{field}={getattr(config, field)!r} has no equivalent in Hugging Face albert "
+        raise ConfigError(f"{field}={getattr(config, field)!r} has no equivalent in Hugging Face albert "
                          "(needs sharing 'all' or 'none' and embedding_size < hidden_size)")
     if family != "gpt2" and config.type_vocab_size < 1:
-        raise ValueError(f"type_vocab_size=0 has no equivalent in Hugging Face {family} (needs at least 1)")
+        raise ConfigError(f"type_vocab_size=0 has no equivalent in Hugging Face {family} (needs at least 1)")
     activation = TO_HF_ACTIVATION[config.activation]
     if family == "gpt2":
         return transformers.GPT2Config(
@@ -491,7 +491,7 @@ def _entries(family: str, config: TransformerConfig, heads: tuple[str, ...]) -> 
     entries = [(f"backbone.{ours}", keys, how) for ours, keys, how in backbone]
     for head in heads:
         if (family, head) not in HEAD_ENTRIES:
-            raise ValueError(f"head {head!r} has no equivalent in Hugging Face {family}")
+            raise ConfigError(f"head {head!r} has no equivalent in Hugging Face {family}")
         entries += [(f"heads.{head}.{ours}", keys, how) for ours, keys, how in HEAD_ENTRIES[(family, head)]]
         if family == "modernbert" and head == "mlm" and config.bias:  # classifier_bias and norm_bias
             entries += [(f"heads.{head}.transform.{i}.bias", (f"head.{name}.bias",), "copy")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import ClassificationHead, Head, Transformer, TransformerConfig
+from models.config import ConfigError
 
 Batch = dict[str, Tensor]
 Layout = Literal["stream", "pairs"]
@@ -47,7 +48,7 @@ def resolve_masking_ids(name: str, mask_token_id: int | None, special_ids: Seque
     mask = mask_token_id if mask_token_id is not None else (tokens.mask if tokens else None)
     special = list(special_ids) if special_ids is not None else (list(tokens.special) if tokens else None)
     if mask is None or special is None:
-        raise ValueError(f"{name} needs mask_token_id and special_ids: give them to the objective, or give the "
+        raise ConfigError(f"{name} needs mask_token_id and special_ids: give them to the objective, or give the "
                          "training module a tokenizer that has a [MASK] (or <mask>) token")
     return mask, special
 
@@ -87,7 +88,7 @@ class Objective(nn.Module):
     def __init__(self, weight: float = 1.0):
         super().__init__()
         if weight <= 0:
-            raise ValueError(f"{type(self).__name__}: weight must be positive, got {weight}")
+            raise ConfigError(f"{type(self).__name__}: weight must be positive, got {weight}")
         self.weight = weight
 
     def bind(self, backbone: Transformer, tokens: TokenIds | None = None) -> None:
@@ -146,25 +147,25 @@ def check_combination(objectives: list[Objective], config: TransformerConfig) ->
     """Raise ValueError, naming both pieces, if these objectives cannot train together on this backbone (the data
     are checked against `Objective.data_requirements` once they exist)."""
     if not objectives:
-        raise ValueError("no objective given: add at least one (e.g. objectives.MaskedLM)")
+        raise ConfigError("no objective given: add at least one (e.g. objectives.MaskedLM)")
     names = [o.name for o in objectives]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"objective {duplicates[0]} is given twice; give each objective once")
+        raise ConfigError(f"objective {duplicates[0]} is given twice; give each objective once")
     for first in objectives:
         for second in objectives[objectives.index(first) + 1:]:
             if first.attention != second.attention:
-                raise ValueError(f"{first.name} needs {first.attention} attention and {second.name} needs "
+                raise ConfigError(f"{first.name} needs {first.attention} attention and {second.name} needs "
                                  f"{second.attention} attention; they cannot train on one backbone")
             if first.corrupts_tokens and second.corrupts_tokens:
-                raise ValueError(f"{first.name} and {second.name} both rewrite the input tokens and cannot share "
+                raise ConfigError(f"{first.name} and {second.name} both rewrite the input tokens and cannot share "
                                  "one forward pass; keep one of them")
             if first.pair_task and second.pair_task:
-                raise ValueError(f"{first.name} and {second.name} are both sentence-pair tasks; keep one of them")
+                raise ConfigError(f"{first.name} and {second.name} are both sentence-pair tasks; keep one of them")
     backbone_attention = "causal" if config.causal else "bidirectional"
     for objective in objectives:
         if objective.attention != backbone_attention:
-            raise ValueError(
+            raise ConfigError(
                 f"{objective.name} needs a {objective.attention} backbone but the model has causal={config.causal}; "
                 f"set causal={objective.attention == 'causal'} in the model config"
             )

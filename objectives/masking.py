@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from models.config import ConfigError
+
 IGNORE_INDEX = -100  # labels at positions that carry no loss (the Hugging Face convention)
 
 
@@ -44,11 +46,11 @@ def mask_tokens(
     they are. labels hold the original ids at selected positions and -100 elsewhere.
     """
     if abs(sum(replace_probs) - 1.0) > 1e-6 or min(replace_probs) < 0:
-        raise ValueError(f"replace_probs (mask, random, keep) must be >= 0 and sum to 1, got {replace_probs}")
+        raise ConfigError(f"replace_probs (mask, random, keep) must be >= 0 and sum to 1, got {replace_probs}")
     if not 0.0 < mask_prob < 1.0:
-        raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
+        raise ConfigError(f"mask_prob must be in (0, 1), got {mask_prob}")
     if word_starts is not None and num_masked is not None:
-        raise ValueError("whole-word masking (word_starts) and a fixed num_masked per row cannot be combined")
+        raise ConfigError("whole-word masking (word_starts) and a fixed num_masked per row cannot be combined")
     maskable = torch.ones_like(input_ids, dtype=torch.bool)
     for special in set(special_ids):  # comparisons with Python ints: no tensor built and copied each step
         maskable &= input_ids != special

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from models import LMHead, Transformer
+from models.config import ConfigError
 from objectives.base import (
     Batch,
     Objective,
@@ -73,7 +74,7 @@ class MaskedLM(Objective):
 
     def corrupt(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         if self.whole_word and "word_starts" not in batch:
-            raise ValueError("whole-word masking needs word_starts in the batch; enable them in the data module")
+            raise ConfigError("whole-word masking needs word_starts in the batch; enable them in the data module")
         corrupted, labels = mask_tokens(
             batch["input_ids"], mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
             special_ids=self.special_ids, mask_prob=self.mask_prob, generator=generator,

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from models import TokenScorer, Transformer, TransformerConfig
+from models.config import ConfigError
 from objectives.base import (
     Batch,
     Objective,
@@ -28,7 +29,7 @@ def generator_config(config: TransformerConfig, size: float) -> TransformerConfi
     generator multiplier: 1/4 for small, 1/3 for base), the same depth and embedding size."""
     hidden, heads = round(config.hidden_size * size), max(1, round(config.num_heads * size))
     if hidden < 1 or hidden % heads:
-        raise ValueError(f"generator_size={size} gives hidden size {hidden} and {heads} heads, which do not divide; "
+        raise ConfigError(f"generator_size={size} gives hidden size {hidden} and {heads} heads, which do not divide; "
                          "choose a size that keeps hidden_size * size divisible by num_heads * size")
     kv_heads = heads if config.num_kv_heads == config.num_heads else max(1, round(config.num_kv_heads * size))
     return dataclasses.replace(config, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads,
@@ -64,7 +65,7 @@ class ReplacedTokenDetection(Objective):
     ):
         super().__init__(weight)
         if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+            raise ConfigError(f"temperature must be positive, got {temperature}")
         # The generator is a small MLM model: its masking, output layer and loss are MaskedLM's.
         self.generator_mlm = MaskedLM(mask_token_id, special_ids, mask_prob, replace_probs)
         self.generator_size = generator_size  # None: 0.25, or the size of the generator a run continues from

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from models.config import ConfigError
 from objectives.base import Batch, SegmentPairClassification
 
 IN_ORDER, SWAPPED = 0, 1  # the Hugging Face convention for sentence_order_label
@@ -63,7 +64,7 @@ class SentenceOrderPrediction(SegmentPairClassification):
     def corrupt(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         labelled = sorted(key for key in batch if key.endswith("_labels") and batch[key].dim() == 2)
         if labelled:
-            raise ValueError(f"sentence order prediction swaps segments, but the batch already has per-token labels "
+            raise ConfigError(f"sentence order prediction swaps segments, but the batch already has per-token labels "
                              f"({', '.join(labelled)}) that would stay behind: corrupt with objectives.base."
                              "corrupt_batch, which swaps first")
         ids = batch["input_ids"]

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from models import Head, LMHead, Transformer
+from models.config import ConfigError
 from models.transformer import activation_module, init_weights
 from objectives.base import (
     Batch,
@@ -139,10 +140,10 @@ class SpanMasking(Objective):
     ):
         super().__init__(weight)
         if not 0 < geometric_p < 1 or max_span_words < 1 or not 0 < mask_prob < 1:
-            raise ValueError(f"SpanMasking needs 0 < geometric_p < 1, max_span_words >= 1 and 0 < mask_prob < 1; got "
+            raise ConfigError(f"SpanMasking needs 0 < geometric_p < 1, max_span_words >= 1 and 0 < mask_prob < 1; got "
                              f"{geometric_p}, {max_span_words}, {mask_prob}")
         if abs(sum(replace_probs) - 1.0) > 1e-6 or min(replace_probs) < 0:
-            raise ValueError(f"replace_probs (mask, random, keep) must be >= 0 and sum to 1, got {replace_probs}")
+            raise ConfigError(f"replace_probs (mask, random, keep) must be >= 0 and sum to 1, got {replace_probs}")
         self.mask_token_id = mask_token_id
         self.special_ids = list(special_ids) if special_ids is not None else None
         self.mask_prob, self.geometric_p, self.max_span_words = mask_prob, geometric_p, max_span_words
@@ -167,7 +168,7 @@ class SpanMasking(Objective):
 
     def corrupt(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         if "word_starts" not in batch:
-            raise ValueError("span masking needs word_starts in the batch; set data.word_starts: true")
+            raise ConfigError("span masking needs word_starts in the batch; set data.word_starts: true")
         ids = batch["input_ids"]
         selected, span_start = span_mask(
             ids, batch["word_starts"], special_ids=self.special_ids, mask_prob=self.mask_prob,

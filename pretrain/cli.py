@@ -355,6 +355,15 @@ def interrupted(cli, argv: list[str]) -> int:
     return 128 + getattr(signal, name, signal.SIGTERM)
 
 
+def said_in_one_line(error: Exception) -> bool:
+    """Bad input (`UserError`, or a `ConfigError` of a model, objective or optimizer) and what the machine refused
+    (an `OSError`: a file unreadable, a disk full) are said in one line; anything else is a bug of ours and keeps
+    its traceback."""
+    from models.config import ConfigError  # (here: `pretrain --help` imports no torch)
+
+    return isinstance(error, (UserError, ConfigError, OSError))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     rest = [a for a in argv if a != "--debug"]
@@ -362,9 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         debug = len(rest) < len(argv)
         try:
             cli = lightning_cli(rest)
-        except (UserError, ValueError, OSError) as error:  # ValueError: a config the models/objectives refuse;
-            # OSError: the machine refused (a file unreadable, a directory not writable): not a bug of ours
-            if debug:
+        except Exception as error:
+            if debug or not said_in_one_line(error):
                 raise
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -374,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with quiet_lightning():  # (Lightning's own deprecation warnings are not the user's business)
             run_command(args)
-    except (UserError, OSError) as error:  # bad input, or the machine refused; anything else is a bug: traceback
-        if args.debug:
+    except Exception as error:
+        if args.debug or not said_in_one_line(error):
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2

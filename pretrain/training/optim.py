@@ -9,6 +9,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from models.config import ConfigError
+
 OptimizerName = Literal["adamw", "radam", "lamb"]
 ScheduleName = Literal["linear", "cosine", "inverse_sqrt", "constant"]
 
@@ -23,7 +25,7 @@ class Lamb(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0):
         if lr <= 0 or eps <= 0 or not all(0 <= b < 1 for b in betas) or weight_decay < 0:
-            raise ValueError(f"invalid LAMB settings: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
+            raise ConfigError(f"invalid LAMB settings: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
@@ -89,7 +91,7 @@ def build_optimizer(name: OptimizerName, module: nn.Module, learning_rate: float
         return torch.optim.RAdam(groups, lr=learning_rate, betas=betas, eps=eps, decoupled_weight_decay=True)
     if name == "lamb":
         return Lamb(groups, lr=learning_rate, betas=betas, eps=eps)
-    raise ValueError(f"unknown optimizer {name!r}; choose adamw, radam or lamb")
+    raise ConfigError(f"unknown optimizer {name!r}; choose adamw, radam or lamb")
 
 
 def skip_if_not_finite(optimizer: torch.optim.Optimizer, parameters: list[Tensor], not_finite: Tensor) -> None:
@@ -109,9 +111,9 @@ def schedule_factor(name: ScheduleName, warmup_steps: int, total_steps: int | No
     """The learning-rate multiplier at each step: linear warm-up from 0 over `warmup_steps`, then
     linear decay to 0 at `total_steps`, cosine decay to 0, inverse square root (Vaswani et al.), or constant."""
     if name not in ("linear", "cosine", "inverse_sqrt", "constant"):
-        raise ValueError(f"unknown schedule {name!r}; choose linear, cosine, inverse_sqrt or constant")
+        raise ConfigError(f"unknown schedule {name!r}; choose linear, cosine, inverse_sqrt or constant")
     if name in ("linear", "cosine") and (total_steps is None or total_steps <= warmup_steps):
-        raise ValueError(f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps}) for a {name} decay")
+        raise ConfigError(f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps}) for a {name} decay")
 
     def factor(step: int) -> float:
         if step < warmup_steps:

@@ -173,6 +173,24 @@ def test_a_model_that_cannot_train_on_its_data_is_refused_before_the_first_step(
     assert not list((tmp_path / "cache").glob("*/arrays.json"))  # refused before the examples were built
 
 
+def test_a_config_the_objectives_refuse_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, capsys, monkeypatch):
+    """Only bad input (UserError, a model's or objective's ConfigError) and OSErrors become one line: any other
+    exception, a ValueError from a bug included, reaches the user with its traceback."""
+    import pretrain.training.module as module
+
+    recipe = CONFIGS / "tiny" / "electra.yaml"
+    arguments = ["fit", "-c", str(recipe), *overrides(tmp_path, recipe)]
+    assert main([*arguments, "--model.objectives.generator_size", "1.2"]) == 2  # 77 wide, 2 heads
+    assert "error: generator_size=1.2 gives hidden size 77 and 2 heads" in capsys.readouterr().err
+
+    def bug(*args, **kwargs):
+        raise ValueError("an internal inconsistency")
+
+    monkeypatch.setattr(module, "check_combination", bug)
+    with pytest.raises(ValueError, match="an internal inconsistency"):
+        main(arguments)
+
+
 def test_a_misspelt_key_in_a_recipe_is_one_clear_error(tmp_path):
     recipe = tmp_path / "typo.yaml"
     recipe.write_text((CONFIGS / "tiny" / "bert.yaml").read_text().replace("learning_rate", "learnin_rate"))
