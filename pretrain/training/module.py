@@ -60,7 +60,8 @@ class PretrainingModule(pl.LightningModule):
             `warmup_steps` is not used: a recipe's warm-up keeps its proportion when its budget changes (ELECTRA
             warms up over 1 % of its 1M steps, BERT 1 %, the DAPT papers 6 %; a budget of a few hundred steps needs
             a larger share: see the README's objectives comparison).
-        total_steps: the length of the decay; by default the trainer's estimated number of steps.
+        total_steps: the length of the decay; by default the trainer's estimated number of steps (a resume keeps the
+            length the run began with, saved in its checkpoint, and says so where its settings now give another).
         tokenizer: its [MASK] and special-token ids go to the objectives that corrupt tokens (unless they were given
             their own), and its vocabulary is checked against the backbone's; checkpoints carry a copy of it.
         seed: the corruption (masks, random tokens, sampled replacements) of micro-batch m of training step s on rank
@@ -173,6 +174,8 @@ class PretrainingModule(pl.LightningModule):
         self._skipped = self._streak = torch.zeros((), dtype=torch.long)  # skipped steps: in all, in a row
         self._checked_step = -1
         self._resumed_from: dict | None = None  # the checkpoint's hyper-parameters, on a resume
+        self._schedule: dict | None = None  # the resolved warm-up and decay length, and the trainer settings behind
+        self._saved_schedule: dict | None = None  # the checkpoint's, on a resume: its decay length is kept
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None
                 ) -> tuple[Tensor, dict[str, ObjectiveOutput]]:
@@ -235,9 +238,35 @@ class PretrainingModule(pl.LightningModule):
         hp = self.hparams
         total_steps = hp.total_steps
         if total_steps is None and (hp.schedule in ("linear", "cosine") or hp.warmup_ratio is not None):
-            total_steps = int(self.trainer.estimated_stepping_batches)
+            saved = (self._saved_schedule or {}).get("total_steps")  # a resumed run keeps the decay it began with
+            total_steps = saved if saved is not None else int(self.trainer.estimated_stepping_batches)
         warmup_steps = hp.warmup_steps if hp.warmup_ratio is None else round(hp.warmup_ratio * total_steps)
+        self._schedule = {"warmup_steps": warmup_steps, "total_steps": total_steps,
+                          "trainer": self._schedule_settings()}
         return warmup_steps, total_steps
+
+    def _schedule_settings(self) -> dict:
+        """The trainer settings the estimated number of steps follows from, as the user gives them."""
+        trainer = self.trainer
+        return {"trainer.max_steps": trainer.max_steps, "trainer.max_epochs": trainer.max_epochs,
+                "devices x num_nodes": trainer.world_size,
+                "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches}
+
+    def _schedule_kept_note(self) -> str | None:
+        """On a resume that keeps the checkpoint's decay length: the one line that says so, where this run's settings
+        would have given another (max_steps, devices, nodes, accumulation, or the data)."""
+        saved = self._saved_schedule
+        if not saved or self.hparams.total_steps is not None or saved.get("total_steps") is None:
+            return None
+        estimate = int(self.trainer.estimated_stepping_batches)
+        if estimate == saved["total_steps"]:
+            return None
+        now = self._schedule_settings()
+        differ = [f"{key} {saved.get('trainer', {}).get(key)!r} -> {value!r}" for key, value in now.items()
+                  if saved.get("trainer", {}).get(key) != value]
+        return (f"note: the learning-rate schedule keeps the decay over {saved['total_steps']:,} steps this run began "
+                f"with; its settings now ({', '.join(differ) or 'the data'}) would give {estimate:,}: give "
+                f"--model.total_steps {estimate} to decay over those instead")
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
@@ -328,6 +357,7 @@ class PretrainingModule(pl.LightningModule):
             "heads": {name: self._prefix_of(head) for name, head in self.heads().items()},
             "head_specs": {name: head_spec(head) for name, head in self.heads().items()},
             "skipped_steps": int(self._skipped), "skip_streak": int(self._streak),
+            "schedule": self._schedule,  # the decay length a resume keeps (unless model.total_steps is given)
         }
         checkpoint["rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -360,13 +390,18 @@ class PretrainingModule(pl.LightningModule):
         self._skipped = torch.tensor(saved.get("skipped_steps", 0))
         self._streak = torch.tensor(saved.get("skip_streak", 0))
         self._resumed_from = hparams
+        self._saved_schedule = saved.get("schedule")
 
     def on_train_start(self) -> None:
         """On a resume, apply the optimizer settings that differ from the checkpoint's to the restored optimizer and
-        schedule, and say so (the restored state would otherwise keep the old ones silently)."""
+        schedule, and say so (the restored state would otherwise keep the old ones silently); say that the decay
+        length is the checkpoint's where this run's settings would have given another."""
         saved, self._resumed_from = self._resumed_from, None
         if not saved:
             return
+        note = self._schedule_kept_note()
+        if note and self.trainer.is_global_zero:
+            print(note, flush=True)
         hp = self.hparams
         changed = [key for key in OPTIMIZER_SETTINGS if key in saved and _plain(saved[key]) != _plain(hp[key])]
         if not changed:

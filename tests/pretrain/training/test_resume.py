@@ -68,3 +68,33 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(recipe, stop, extra
         losses = logged(tmp_path / "straight", column)
         assert len(losses) >= 3 and losses == logged(tmp_path / "resumed", column), column
     assert len(list((tmp_path / "resumed" / "logs").glob("version_*"))) == 2  # the resume logged beside the first
+
+
+def test_a_resume_keeps_the_decay_length_the_run_began_with_and_says_so(tmp_path, capsys):
+    """No model.total_steps (as in every recipe): the decay length is the trainer's estimate at the start (8), and a
+    resume with max_steps 12 keeps it, saying which setting would have changed it; --model.total_steps changes it."""
+    def run(max_steps: int, *extra: str) -> dict:
+        code = main(["fit", "-c", str(CONFIGS / "tiny" / "gpt2.yaml"), "--data.files", f"[{BUNDLED_CORPUS}]",
+                     "--data.tokenizer", str(tmp_path / "gpt2.json"), "--data.tokenizer_vocab_size", "400",
+                     "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path / "run"),
+                     "--trainer.accelerator", "cpu", "--trainer.max_steps", str(max_steps), "--model.warmup_steps",
+                     "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+                     "--trainer.log_every_n_steps", "1", *extra])
+        assert code == 0
+        saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        return saved
+
+    saved = run(8)
+    assert saved["pretrain"]["schedule"]["total_steps"] == 8
+    capsys.readouterr()
+    saved = run(12, "--ckpt_path", "last")
+    out = capsys.readouterr().out
+    assert ("note: the learning-rate schedule keeps the decay over 8 steps this run began with; its settings now "
+            "(trainer.max_steps 8 -> 12) would give 12: give --model.total_steps 12 to decay over those instead") in out
+    assert saved["global_step"] == 12 and saved["pretrain"]["schedule"]["total_steps"] == 8
+    rates = {step: float(value) for step, value in logged(tmp_path / "run", "train/lr").items()}
+    assert rates[6] > 0 and rates[9] == rates[10] == 0.0  # decayed to 0 at step 8, and kept there
+    saved = run(16, "--ckpt_path", "last", "--model.total_steps", "20")
+    out = capsys.readouterr().out
+    assert "resuming with model.total_steps 20 (the checkpoint had None)" in out and "keeps the decay" not in out
+    assert saved["pretrain"]["schedule"]["total_steps"] == 20 and saved["lr_schedulers"][0]["_last_lr"][0] > 0
