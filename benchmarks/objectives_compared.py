@@ -32,11 +32,14 @@ import platform
 import random
 import shutil
 import statistics
+import sys
 from pathlib import Path
 
 import yaml
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's pretrain, whatever another install on the path says
+DATA = ROOT / ".." / "shared" / "data"
 ARMS = ("bert", "roberta", "electra", "albert", "gpt")
 SCRATCH = {"scratch_encoder": "roberta", "scratch_decoder": "gpt"}  # baseline -> the arm whose architecture it takes
 SCRATCH_EPOCHS = 1  # the baselines fine-tune this many times the arms' epochs

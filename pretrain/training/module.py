@@ -18,7 +18,14 @@ from objectives import Batch, Objective, ObjectiveOutput, ReplacedTokenDetection
 from objectives.base import backbone_inputs, corrupt_batch
 from pretrain.data.tokenizer import add_tokens_from, check_vocabulary, load_tokenizer, special_ids
 from pretrain.errors import UserError
-from pretrain.training.optim import OptimizerName, ScheduleName, build_optimizer, schedule_factor, skip_if_not_finite
+from pretrain.training.optim import (
+    OptimizerName,
+    ScheduleName,
+    build_optimizer,
+    describe_groups,
+    schedule_factor,
+    skip_if_not_finite,
+)
 from pretrain.training.preflight import length_problem
 
 # Settings a resumed run may change (applied to the restored optimizer and schedule, and said); the architecture,
@@ -174,6 +181,8 @@ class PretrainingModule(pl.LightningModule):
         self._skipped = self._streak = torch.zeros((), dtype=torch.long)  # skipped steps: in all, in a row
         self._checked_step = -1
         self._resumed_from: dict | None = None  # the checkpoint's hyper-parameters, on a resume
+        self._sizes = {name: p.numel() for name, p in self.named_parameters()}  # whole, before any sharding
+        self._printed_groups = False
         self._schedule: dict | None = None  # the resolved warm-up and decay length, and the trainer settings behind
         self._saved_schedule: dict | None = None  # the checkpoint's, on a resume: its decay length is kept
 
@@ -228,7 +237,14 @@ class PretrainingModule(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if hp.optimizer == "lamb" and isinstance(strategy, FSDPStrategy) and strategy.world_size > 1:
+            raise UserError("model.optimizer lamb scales each update by the norm of the whole tensor, and under FSDP "
+                            "each rank holds a shard of it: use adamw, or the ddp strategy for LAMB")
         optimizer = build_optimizer(hp.optimizer, self, hp.learning_rate, hp.weight_decay, tuple(hp.betas), hp.eps)
+        if self._trainer is not None and self.trainer.is_global_zero and not self._printed_groups:
+            print(f"optimizer {hp.optimizer}: {describe_groups(self, hp.weight_decay, self._sizes)}", flush=True)
+            self._printed_groups = True
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(hp.schedule, *self.schedule_steps()))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -73,11 +73,47 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
 
+NORMS = (nn.LayerNorm, nn.RMSNorm)
+WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")  # FSDP, checkpointing, compile
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name without the wrappers FSDP, activation checkpointing and compile put in its path."""
+    for wrapper in WRAPPERS:
+        name = name.replace(wrapper, "")
+    return name
+
+
+def named_parameter_groups(module: nn.Module) -> tuple[list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
+    """(decayed, not decayed) trainable parameters by name: decay on weight matrices and embeddings, none on biases
+    and norm weights. Decided by name and by the module that owns each parameter, never by shape: under FSDP the
+    optimizer is built after the parameters were flattened into 1-D shards (their names and owners stay, with
+    `use_orig_params`, Lightning's default). Shared and tied parameters appear once."""
+    decay, no_decay, seen = [], [], set()
+    for owner_name, owner in module.named_modules():
+        for name, parameter in owner.named_parameters(recurse=False):
+            if not parameter.requires_grad or id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            full = plain_name(f"{owner_name}.{name}" if owner_name else name)
+            (no_decay if name == "bias" or isinstance(owner, NORMS) else decay).append((full, parameter))
+    return decay, no_decay
+
+
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and embeddings; none on biases and LayerNorm weights (the 1-D parameters)."""
-    parameters = [p for p in module.parameters() if p.requires_grad]  # shared and tied parameters appear once
-    return [{"params": [p for p in parameters if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0}]
+    """The optimizer's two groups: `weight_decay` on weight matrices and embeddings, none on biases and norms."""
+    decay, no_decay = named_parameter_groups(module)
+    return [{"params": [p for _, p in decay], "weight_decay": weight_decay},
+            {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
+
+
+def describe_groups(module: nn.Module, weight_decay: float, sizes: dict[str, int]) -> str:
+    """One line, as nanoGPT prints it: how many tensors and parameters each group holds. `sizes` (name -> number of
+    elements, taken before any sharding) counts whole parameters, not this rank's shards."""
+    decay, no_decay = named_parameter_groups(module)
+    counts = [(len(group), sum(sizes.get(name, p.numel()) for name, p in group)) for group in (decay, no_decay)]
+    return (f"weight decay {weight_decay:g} on {counts[0][0]} tensors ({counts[0][1]:,} parameters), none on "
+            f"{counts[1][0]} tensors ({counts[1][1]:,} parameters: biases and norms)")
 
 
 def build_optimizer(name: OptimizerName, module: nn.Module, learning_rate: float, weight_decay: float,

@@ -89,3 +89,88 @@ def test_bad_schedule_settings():
         schedule_factor("linear", warmup_steps=100, total_steps=50)
     with pytest.raises(ValueError, match="unknown schedule"):
         schedule_factor("step", 0, 10)
+
+
+FAMILIES = {  # a tiny config of each family: its variant fields, and the objectives that go with it
+    "bert": (dict(), "mlm nsp"), "albert": (dict(embedding_size=32, sharing="all"), "mlm sop"),
+    "electra": (dict(embedding_size=32), "rtd"), "gpt2": (dict(causal=True, norm_position="pre"), "clm"),
+    "llama": (dict(causal=True, norm="rmsnorm", ffn="glu", position_embedding="rotary", bias=False,
+                   tie_word_embeddings=False, num_kv_heads=1), "clm"),
+    "modernbert": (dict(norm_position="pre", position_embedding="rotary", bias=False, local_attention_window=8,
+                        global_attention_every=2, ffn="glu"), "mlm"),
+}
+
+
+def pretraining_module(family: str):
+    from objectives import CausalLM, MaskedLM, NextSentencePrediction, ReplacedTokenDetection, SentenceOrderPrediction
+    from pretrain.training.module import PretrainingModule
+    from tests.helpers import MASK, SPECIAL_IDS, tiny_config
+
+    fields, names = FAMILIES[family]
+    made = {"mlm": lambda: MaskedLM(MASK, SPECIAL_IDS), "nsp": NextSentencePrediction,
+            "sop": SentenceOrderPrediction, "rtd": lambda: ReplacedTokenDetection(MASK, SPECIAL_IDS),
+            "clm": CausalLM}
+    return PretrainingModule(tiny_config(**fields), [made[name]() for name in names.split()])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_groups_by_name_are_the_groups_by_shape_on_one_process(family):
+    """On one process (whole tensors) every matrix and embedding is decayed and every bias and norm weight is not:
+    the same split the number of dimensions gives, for every family with its heads (ELECTRA's generator too)."""
+    from pretrain.training.optim import named_parameter_groups
+
+    module = pretraining_module(family)
+    decay, no_decay = named_parameter_groups(module)
+    assert [p for _, p in decay] == [p for p in dict.fromkeys(module.parameters()) if p.ndim >= 2]
+    assert [p for _, p in no_decay] == [p for p in dict.fromkeys(module.parameters()) if p.ndim < 2]
+    assert {name for name, _ in decay + no_decay} == set(dict(module.named_parameters()))
+
+
+class Wrapped(torch.nn.Module):
+    """What FSDP (use_orig_params) leaves of a block: the block under `_fsdp_wrapped_module`, each parameter a 1-D
+    view of this rank's shard (here: the second half of the flattened tensor, as rank 1 of 2 holds it)."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self._fsdp_wrapped_module = block
+        for owner in block.modules():
+            for name, parameter in list(owner.named_parameters(recurse=False)):
+                flat = parameter.detach().flatten()
+                setattr(owner, name, torch.nn.Parameter(flat[len(flat) // 2:].clone()))
+
+
+def test_groups_and_their_counts_are_the_same_on_flattened_shards():
+    """Under FSDP the optimizer is built after the parameters were flattened into 1-D shards: by shape every one of
+    them would be "not decayed" (weight decay silently off); by name the groups, their names and the counts said
+    are those of one process."""
+    from pretrain.training.optim import describe_groups, named_parameter_groups
+
+    module = pretraining_module("bert")
+    sizes = {name: p.numel() for name, p in module.named_parameters()}
+    whole = [[name for name, _ in group] for group in named_parameter_groups(module)]
+    said = describe_groups(module, 0.01, sizes)
+    for index, block in enumerate(module.backbone.attention_layers):
+        module.backbone.attention_layers[index] = Wrapped(block)
+    for index, block in enumerate(module.backbone.ffn_layers):
+        module.backbone.ffn_layers[index] = Wrapped(block)
+    assert all(p.ndim == 1 for block in module.backbone.attention_layers for p in block.parameters())
+    sharded = [[name for name, _ in group] for group in named_parameter_groups(module)]
+    assert sharded == whole and describe_groups(module, 0.01, sizes) == said
+    assert said.startswith("weight decay 0.01 on ") and "biases and norms" in said
+
+
+def test_lamb_is_refused_under_sharded_fsdp():
+    from types import SimpleNamespace
+
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    from pretrain.errors import UserError
+    from pretrain.training.module import PretrainingModule
+
+    module = pretraining_module("bert")
+    module = PretrainingModule(module.backbone.config, list(module.objectives), optimizer="lamb")
+    strategy = FSDPStrategy()
+    strategy.cluster_environment = SimpleNamespace(world_size=lambda: 2)
+    module._trainer = SimpleNamespace(strategy=strategy)
+    with pytest.raises(UserError, match="model.optimizer lamb .* under FSDP each rank holds a shard"):
+        module.configure_optimizers()
