@@ -101,15 +101,43 @@ def text_documents(path: str, documents_by: DocumentsBy, chunk_size: int = 1 << 
                 if line.strip():
                     yield {"text": line.strip()}
             return
-        carry = ""
+        pieces: list[str] = []  # the document being read, not yet ended by a blank line (joined once, at its end)
         while chunk := file.read(chunk_size):
-            parts = _BLANK_LINE.split(carry + chunk)
-            carry = parts.pop()  # may continue in the next chunk
+            # only the new text is searched, with the open line before it where that line is whitespace so far (a
+            # blank line may span the chunks): linear in the file's size however long a document runs
+            parts = _BLANK_LINE.split(_open_blank_line(pieces) + chunk)
+            if len(parts) == 1:
+                pieces.append(parts[0])
+                continue
+            pieces.append(parts[0])
+            parts[0] = "".join(pieces)
+            pieces = [parts.pop()]  # may continue in the next chunk
             for part in parts:
                 if part.strip():
                     yield {"text": part.strip()}
-        if carry.strip():
-            yield {"text": carry.strip()}
+        last = "".join(pieces)
+        pieces.clear()  # (a document as long as the file is held once, not twice, while it is stripped)
+        if last := last.strip():
+            yield {"text": last}
+
+
+def _open_blank_line(pieces: list[str]) -> str:
+    """Take from the end of `pieces` the line in progress, from its newline on, where all of it is whitespace (a
+    blank line may be ending in the next chunk); "" (and `pieces` unchanged) where that line holds text."""
+    taken: list[str] = []
+    while pieces:
+        last = pieces.pop()
+        cut = last.rfind("\n")
+        if last[cut + 1:].strip():  # (cut = -1: the whole piece) the open line holds text
+            pieces.append(last)
+            break
+        if cut >= 0:
+            if cut:
+                pieces.append(last[:cut])
+            return last[cut:] + "".join(reversed(taken))
+        taken.append(last)  # whitespace without a newline: the open line began in an earlier piece
+    pieces.extend(reversed(taken))
+    return ""
 
 
 def clean_text(text: str) -> str:

@@ -141,6 +141,25 @@ def test_whitespace_only_lines_separate_documents(tmp_path):
             ["= Title =", "First paragraph .\nstill first .", "Second ."]
 
 
+def test_paragraphs_read_in_chunks_are_the_paragraphs_of_the_whole_text(tmp_path):
+    """Random texts of words, spaces, tabs and newlines (blank lines of whitespace, runs of them, long paragraphs),
+    read at every small chunk size: the documents are those of splitting the whole text at once."""
+    import random
+    import re
+
+    from pretrain.data.corpus import text_documents
+
+    rng = random.Random(0)
+    for case in range(40):
+        text = "".join(rng.choice(["word", "x", " ", "\t", "\n", "\n", " \n", "\n \n"]) for _ in range(120))
+        path = tmp_path / f"{case}.txt"
+        path.write_text(text)
+        expected = [part.strip() for part in re.split(r"\n[^\S\n]*\n", text) if part.strip()]
+        for chunk_size in (1, 2, 3, 5, 8, 13, 1000):
+            assert [d["text"] for d in text_documents(str(path), "paragraph", chunk_size)] == expected, (text,
+                                                                                                         chunk_size)
+
+
 @pytest.mark.skipif(not (SHARED / "wikitext-2").is_dir(), reason="needs ../shared/data (present on CI)")
 def test_wikitext_reads_as_its_paragraphs(tmp_path):
     corpus = load_corpus([SHARED / "wikitext-2" / "wiki.valid.tokens"], cache_dir=tmp_path)
