@@ -13,12 +13,13 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 from tokenizers import Tokenizer
 
-try:
-    import fcntl
-except ImportError:  # not on Windows
-    fcntl = None
+from pretrain.errors import UserError
+
+LOCK_TIMEOUT = 6 * 3600  # seconds: a cache of a large corpus can take hours to build; a lock held longer is a hang
+
 
 
 def fingerprint(files: Iterable[Path], tokenizer: Tokenizer, settings: dict) -> str:
@@ -33,19 +34,43 @@ def fingerprint(files: Iterable[Path], tokenizer: Tokenizer, settings: dict) -> 
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` (created if needed) for the duration of the block: processes that build the same
-    thing (ranks of one run, or runs sharing a cache) take turns, so the first builds and the others find it built.
-    (Where `fcntl` does not exist, no lock.)"""
+def file_lock(path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """An exclusive lock on `path` (created if needed; `filelock`, on every platform) for the duration of the block:
+    processes that build the same thing (ranks of one run, or runs sharing a cache) take turns, so the first builds
+    and the others find it built. A lock held by a process that died is free again; one held past `timeout` seconds
+    is one line naming the lock file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=min(30.0, timeout))
+    except Timeout:
+        print(f"waiting for {path}: another process is building what it guards", flush=True)
         try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+            lock.acquire(timeout=max(0.0, timeout - 30.0))
+        except Timeout:
+            raise UserError(f"waited {timeout / 60:,.0f} min for the lock {path}: another process holds it (a run "
+                            "building the same cache or tokenizer). If none is running, delete that file") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Write `path` and wait until its bytes are on the disk (what marks a cache complete must not land first)."""
+    with open(path, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def sync_directory(path: Path) -> None:
+    """Make the entries of directory `path` (files created, a rename) durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def cached_arrays(cache_dir: Path, key: str,
@@ -63,10 +88,12 @@ def cached_arrays(cache_dir: Path, key: str,
                     shutil.rmtree(stale, ignore_errors=True)
                 partial = Path(cache_dir) / f".{key}.partial-{socket.gethostname()}-{os.getpid()}"
                 partial.mkdir(parents=True)
-                write_arrays(partial, build())
-                (partial / "COMPLETE").write_text("ok\n")
+                write_arrays(partial, build())  # its files on the disk before the mark that trusts them
+                write_synced(partial / "COMPLETE", b"ok\n")
+                sync_directory(partial)
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(partial, final)
+                sync_directory(Path(cache_dir))
                 size = sum(path.stat().st_size for path in final.iterdir())
                 print(f"wrote the examples cache {final}: {size / 2**20:,.1f} MiB", flush=True)
     return load_arrays(final)
@@ -84,10 +111,13 @@ def write_arrays(directory: Path, parts: Iterable[dict[str, np.ndarray]]) -> Non
                     layout[name] = {"dtype": rows.dtype.str, "shape": [0, *rows.shape[1:]]}
                 files[name].write(np.ascontiguousarray(rows, dtype=layout[name]["dtype"]).tobytes())
                 layout[name]["shape"][0] += len(rows)
+        for file in files.values():
+            file.flush()
+            os.fsync(file.fileno())
     finally:
         for file in files.values():
             file.close()
-    (directory / "arrays.json").write_text(json.dumps(layout))
+    write_synced(directory / "arrays.json", json.dumps(layout).encode())
 
 
 def load_arrays(directory: Path) -> dict[str, np.ndarray]:

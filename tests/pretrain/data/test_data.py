@@ -359,6 +359,44 @@ def test_interrupted_cache_is_not_trusted(tmp_path, tokenizer_path):
     assert cached_arrays(tmp_path, "half", lambda: [{"x": np.arange(2)}])["x"].tolist() == [0, 1]
 
 
+def test_the_cache_is_on_the_disk_before_it_is_marked_complete(tmp_path, monkeypatch):
+    """Every data file and arrays.json is fsynced before COMPLETE exists (a crash after the mark never leaves a
+    trusted cache of missing bytes); COMPLETE itself and the directory's rename are synced too."""
+    import os
+
+    from pretrain.data import cache
+
+    synced = []
+    real = os.fsync
+
+    def recording(descriptor):
+        name = Path(os.readlink(f"/proc/self/fd/{descriptor}"))
+        complete = [p for p in tmp_path.glob(".key.partial-*/COMPLETE")] + list(tmp_path.glob("key/COMPLETE"))
+        synced.append((name.name, bool(complete)))
+        real(descriptor)
+
+    monkeypatch.setattr(cache.os, "fsync", recording)
+    cache.cached_arrays(tmp_path, "key", lambda: [{"x": np.arange(3), "y": np.ones((3, 2))}])
+    assert {"x.bin", "y.bin", "arrays.json"} == {name for name, complete in synced if not complete}
+    assert "COMPLETE" in [name for name, _ in synced]
+    assert synced[-1] == (tmp_path.name, True)  # the cache directory, after the rename
+
+
+def test_a_lock_held_too_long_is_one_line_naming_it(tmp_path):
+    from filelock import FileLock
+
+    from pretrain.data.cache import file_lock
+    from pretrain.errors import UserError
+
+    path = tmp_path / ".key.lock"
+    with FileLock(path):  # another holder (flock: another open file, as another process would be)
+        with pytest.raises(UserError, match=f"waited 0 min for the lock {path}: another process holds it"):
+            with file_lock(path, timeout=0.2):
+                pass
+    with file_lock(path, timeout=0.2):  # released: taken at once
+        pass
+
+
 @pytest.mark.parametrize("layout", ["stream", "pairs"])
 def test_one_unshuffled_streaming_reader_gives_the_cached_examples(layout, tmp_path, tokenizer_path):
     corpus = write_documents(tmp_path / "corpus.txt", [f"story {i}: " + "the cat sat on the mat. " * (i % 7 + 1)
