@@ -17,6 +17,7 @@ Activation = Literal["gelu", "gelu_tanh", "relu", "silu"]
 Norm = Literal["layernorm", "rmsnorm"]
 FeedForwardKind = Literal["mlp", "glu"]
 Sharing = Literal["none", "all", "attention", "ffn"]
+Checkpointing = Literal["none", "blocks"]
 
 
 class ConfigError(ValueError):
@@ -65,6 +66,11 @@ class TransformerConfig:
     num_shared_groups: int = 1  # with sharing: the layers are split into this many groups, one set of weights each
     initializer_range: float = 0.02  # std of the normal initialisation
     scaled_residual_init: bool = False  # GPT-2: residual output projections get std / sqrt(2 * num_layers)
+    # Activation checkpointing, in training: "blocks" keeps only the input of every checkpoint_every-th layer
+    # (attention + feed-forward) for backward and runs that layer again there (memory for compute; the same
+    # gradients: dropout draws the same masks again). Not part of the weights: a resume may turn it on or off.
+    activation_checkpointing: Checkpointing = "none"
+    checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
         for name, choices in (
@@ -75,6 +81,7 @@ class TransformerConfig:
             ("sharing", Sharing),
             ("ffn", FeedForwardKind),
             ("norm", Norm),
+            ("activation_checkpointing", Checkpointing),
         ):
             value = getattr(self, name)
             if value not in get_args(choices):
@@ -86,7 +93,7 @@ class TransformerConfig:
         if self.embedding_size is None:
             self.embedding_size = self.hidden_size
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                     "embedding_size", "max_position_embeddings", "num_shared_groups"):
+                     "embedding_size", "max_position_embeddings", "num_shared_groups", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.type_vocab_size < 0:

@@ -14,6 +14,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from models.config import TransformerConfig
 
@@ -300,13 +301,24 @@ class Transformer(nn.Module):
             if local is not None and self.config.local_rotary_base not in (None, self.config.rotary_base):
                 local_rotary = rotary_angles(position_ids, self.config.head_size, self.config.local_rotary_base)
         x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
-        for position, (attention_index, ffn_index) in enumerate(self.layer_order):
+        checkpointed = (self.config.activation_checkpointing == "blocks" and self.training and cache is None
+                        and torch.is_grad_enabled())
+        for position in range(len(self.layer_order)):
             layer_mask, layer_causal, layer_rotary = (local, False, local_rotary) if self.config.is_local(position) \
                 else (mask, is_causal, rotary)
-            x = self.attention_layers[attention_index](x, mask=layer_mask, is_causal=layer_causal, rotary=layer_rotary,
-                                                       cache=cache, position=position)
-            x = self.ffn_layers[ffn_index](x)
+            if checkpointed and position % self.config.checkpoint_every == 0:
+                x = checkpoint(self.layer, position, x, layer_mask, layer_causal, layer_rotary, use_reentrant=False)
+            else:
+                x = self.layer(position, x, layer_mask, layer_causal, layer_rotary, cache)
         return self.final_norm(x)
+
+    def layer(self, position: int, x: Tensor, mask: Tensor | None, is_causal: bool,
+              rotary: tuple[Tensor, Tensor] | None, cache: KVCache | None = None) -> Tensor:
+        """The `position`-th layer of the run order: attention, then feed-forward (shared ones as they are shared)."""
+        attention_index, ffn_index = self.layer_order[position]
+        x = self.attention_layers[attention_index](x, mask=mask, is_causal=is_causal, rotary=rotary, cache=cache,
+                                                   position=position)
+        return self.ffn_layers[ffn_index](x)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_layers)

@@ -30,6 +30,8 @@ from pretrain.training.preflight import length_problem
 
 # Settings a resumed run may change (applied to the restored optimizer and schedule, and said); the architecture,
 # the objectives, the optimizer's kind and the tokenizer may not.
+COMPUTE_FIELDS = ("activation_checkpointing", "checkpoint_every")  # how the backbone computes, not what: a resume
+# may change them
 OPTIMIZER_SETTINGS = ("learning_rate", "weight_decay", "betas", "eps", "schedule", "warmup_steps", "warmup_ratio",
                       "total_steps")
 
@@ -389,7 +391,7 @@ class PretrainingModule(pl.LightningModule):
         hparams = checkpoint.get("hyper_parameters", {})
         problems = [f"model.backbone.{key} is {value!r} in the checkpoint and {self.hparams['backbone'].get(key)!r} "
                     "now" for key, value in (saved.get("backbone") or {}).items()
-                    if self.hparams["backbone"].get(key) != value]
+                    if self.hparams["backbone"].get(key) != value and key not in COMPUTE_FIELDS]
         if "heads" in saved and sorted(saved["heads"]) != sorted(self.heads()):
             problems.append(f"the objectives are {sorted(saved['heads'])} in the checkpoint and {sorted(self.heads())} "
                             "now")

@@ -11,7 +11,7 @@ import yaml
 
 from pretrain.errors import UserError
 from pretrain.training.checkpoints import LAST, check_checkpoint_file, contents_file
-from pretrain.training.module import OPTIMIZER_SETTINGS
+from pretrain.training.module import COMPUTE_FIELDS, OPTIMIZER_SETTINGS
 
 # Recipe keys whose change a resumed run refuses (the weights and the optimizer state would not fit), and sections
 # whose changes are applied and said; anything else (trainer, checkpoint, ckpt_path, ...) changes silently.
@@ -63,7 +63,9 @@ def recipe_changes(saved_recipe: str, current: dict) -> tuple[list[str], list[st
         if _same(old, new) or key.startswith(QUIET) or key.removeprefix("model.") in OPTIMIZER_SETTINGS:
             continue  # (optimizer settings: the module applies them to the restored optimizer and says so)
         line = f"{key}: {old!r} in the checkpoint, {new!r} now"
-        if key.startswith(REFUSED):
+        if key.removeprefix("model.backbone.") in COMPUTE_FIELDS:  # how the backbone computes, not what: applied
+            said.append(line)
+        elif key.startswith(REFUSED):
             refused.append(line)
         elif key.startswith(SAID):
             said.append(line)

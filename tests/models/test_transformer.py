@@ -1,12 +1,15 @@
 """The backbone's variants: parameter counts, sharing, masks, positions, initialisation."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
+from torch import Tensor
 
 from models import LMHead, ModelWithHeads, Pooler, Transformer, TransformerConfig
 from models.transformer import apply_rotary, rotary_angles, sinusoidal_table
+from tests.helpers import stream_batch, tiny_config
 
 
 def count(module: torch.nn.Module) -> int:
@@ -521,3 +524,49 @@ def test_the_embedding_norm_follows_the_norm_position_unless_set():
     modern = Transformer(small(embedding_norm=True))
     assert isinstance(modern.embeddings.norm, torch.nn.LayerNorm)  # pre-LN with one (ModernBERT)
     assert isinstance(modern.final_norm, torch.nn.LayerNorm)
+
+
+CHECKPOINTED = {  # every variant the checkpointed layer passes through: shared layers, local/global and rotary, causal
+    "bert": dict(), "albert": dict(embedding_size=32, sharing="all"),
+    "modernbert": dict(norm_position="pre", position_embedding="rotary", local_attention_window=4,
+                       global_attention_every=2, local_rotary_base=500.0, ffn="glu", bias=False),
+    "gpt2": dict(causal=True, norm_position="pre", type_vocab_size=0),
+}
+
+
+def saved_bytes(model: Transformer, batch: dict) -> tuple[Tensor, list[Tensor], int]:
+    """The sum of the hidden states (the loss), the gradients, and the bytes autograd kept for backward (outside
+    the checkpointed layers, which keep their own input only)."""
+    kept = []
+
+    def pack(tensor):
+        kept.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    torch.manual_seed(1)  # dropout on: the checkpointed layers must draw the same masks again in backward
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(batch["input_ids"], attention_mask=batch["attention_mask"]).pow(2).mean()
+    model.zero_grad()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()], sum(kept)
+
+
+@pytest.mark.parametrize("variant", list(CHECKPOINTED))
+@pytest.mark.parametrize("every", [1, 2])
+def test_activation_checkpointing_gives_the_same_gradients_keeping_less(variant, every):
+    config = tiny_config(**CHECKPOINTED[variant], num_layers=4, dropout=0.1, attention_dropout=0.1)
+    torch.manual_seed(0)
+    plain = Transformer(config).train()
+    checkpointed = Transformer(dataclasses.replace(config, activation_checkpointing="blocks",
+                                                   checkpoint_every=every)).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    batch = stream_batch(length=16)
+    loss, gradients, kept = saved_bytes(plain, batch)
+    loss_checkpointed, gradients_checkpointed, kept_checkpointed = saved_bytes(checkpointed, batch)
+    assert torch.equal(loss, loss_checkpointed)
+    for ours, reference in zip(gradients_checkpointed, gradients, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)
+    assert kept_checkpointed < (0.35 if every == 1 else 0.7) * kept, (kept_checkpointed, kept)
+    with torch.no_grad():  # evaluation and generation: nothing to recompute, the same outputs
+        checkpointed.eval(), plain.eval()
+        torch.testing.assert_close(checkpointed(batch["input_ids"]), plain(batch["input_ids"]), rtol=0, atol=0)

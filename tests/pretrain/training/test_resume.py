@@ -98,3 +98,14 @@ def test_a_resume_keeps_the_decay_length_the_run_began_with_and_says_so(tmp_path
     out = capsys.readouterr().out
     assert "resuming with model.total_steps 20 (the checkpoint had None)" in out and "keeps the decay" not in out
     assert saved["pretrain"]["schedule"]["total_steps"] == 20 and saved["lr_schedulers"][0]["_last_lr"][0] > 0
+
+
+def test_activation_checkpointing_turned_on_at_a_resume_changes_nothing_but_memory(tmp_path):
+    """Stopped at step 4 and resumed with --model.backbone.activation_checkpointing blocks: accepted (it is how the
+    backbone computes, not what), and the run ends bitwise where the uninterrupted plain run ends."""
+    fit("bert.yaml", tmp_path / "straight", tmp_path, 8)
+    fit("bert.yaml", tmp_path / "resumed", tmp_path, 4)
+    fit("bert.yaml", tmp_path / "resumed", tmp_path, 8, "--ckpt_path", "last",
+        "--model.backbone.activation_checkpointing", "blocks")
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert [name for name in straight if not torch.equal(straight[name], resumed[name])] == []
