@@ -1,5 +1,5 @@
-"""Data parallelism: a 2-process DDP run (CPU, gloo) through `pretrain fit` equals one process with the same global
-batch."""
+"""Data parallelism: a 2-process DDP run (CPU, gloo) through `pretrain fit`, and two node ranks under torchrun, equal
+one process with the same global batch."""
 
 import subprocess
 import sys
@@ -28,22 +28,29 @@ def single_document_corpus(path: Path, tokenizer_path: Path, max_length: int) ->
 
 
 def fit(tmp_path: Path, name: str, batch_size: int, *extra: str) -> dict[str, torch.Tensor]:
+    process = subprocess.run([sys.executable, "-m", *fit_arguments(tmp_path, name, batch_size, *extra)],
+                             capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    return last_weights(tmp_path / name)
+
+
+def last_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def fit_arguments(tmp_path: Path, name: str, batch_size: int, *extra: str) -> list[str]:
     run_dir = tmp_path / name
-    process = subprocess.run(
-        [sys.executable, "-m", "pretrain.cli", "fit", "-c", "configs/tiny/gpt2.yaml",
+    return ["pretrain.cli", "fit", "-c", "configs/tiny/gpt2.yaml",
          "--data.files", f"[{tmp_path / 'corpus.txt'}]", "--data.tokenizer", str(tmp_path / "tokenizer.json"),
          "--data.reuse_tokenizer", "true",  # trained before the corpus was cut to whole blocks, on purpose
          "--data.cache_dir", str(tmp_path / "cache"), "--data.max_length", "32", "--data.validation_fraction", "0",
          "--data.batch_size", str(batch_size), "--model.backbone.vocab_size", "300", "--model.backbone.dropout", "0",
          "--model.backbone.attention_dropout", "0", "--model.warmup_steps", "1", "--trainer.max_steps", "4",
          "--trainer.limit_val_batches", "0", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-         "--trainer.default_root_dir", str(run_dir), *extra],
-        capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert process.returncode == 0, process.stderr[-3000:]
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+         "--trainer.default_root_dir", str(run_dir), *extra]
 
 
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+def test_two_processes_and_two_nodes_match_one_process_with_the_same_global_batch(tmp_path):
     single_document_corpus(tmp_path / "corpus.txt", tmp_path / "tokenizer.json", 32)
     data = PretrainingDataModule([str(tmp_path / "corpus.txt")], str(tmp_path / "tokenizer.json"), max_length=32,
                                  cls_first=False, validation_fraction=0.0, cache_dir=str(tmp_path / "cache"))
@@ -62,6 +69,29 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     initial = fit(tmp_path, "zero", 16, "--trainer.max_steps", "1", "--model.learning_rate", "0",
                   "--model.schedule", "constant")
     assert max((one[k] - initial[k]).abs().max().item() for k in one) > 1e-4  # the runs did move the weights
+    # Two node ranks on localhost, as torchrun starts them on two machines (`--nnodes 2 --nproc-per-node 1`, gloo,
+    # `--trainer.num_nodes 2 --trainer.devices 1`; both share this disk's tokenizer and cache, built once under the
+    # lock): the weights of the 2 processes on one node
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               "-m", *fit_arguments(tmp_path, "nodes", 8, "--trainer.strategy", "ddp",
+                                                    "--trainer.num_nodes", "2", "--trainer.devices", "1")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for node in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-3000:]
+    nodes = last_weights(tmp_path / "nodes")
+    assert nodes.keys() == two.keys() and max((nodes[k] - two[k]).abs().max().item() for k in two) < 1e-6
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def first_run(tmp_path: Path, name: str, *extra: str) -> list[str]:
