@@ -125,3 +125,45 @@ def test_runs_started_together_train_the_tokenizer_and_build_the_cache_once(tmp_
     first, second = (torch.load(tmp_path / f"run-{i}" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
                      for i in range(2))
     assert all(torch.equal(first[k], second[k]) for k in first)  # the same tokenizer and data
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (Linux: /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def test_a_rank_that_dies_stops_the_job_within_seconds_and_the_run_resumes(tmp_path):
+    """kill -9 of rank 1 of a 2-process run (gloo) while it trains: rank 0 finds its peer gone at the next
+    collective and the job ends non-zero within seconds (not at a 30-minute timeout), its last checkpoint whole;
+    `--ckpt_path last` then resumes from it and finishes."""
+    import os
+    import signal
+    import time
+
+    command = first_run(tmp_path, "run", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                        "--trainer.max_steps", "400", "--trainer.val_check_interval", "400",
+                        "--checkpoint.every_n_train_steps", "5")
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert last.exists(), "no checkpoint was written"
+    ranks = children(job.pid)
+    assert ranks, "rank 1 runs as a child of rank 0's process"
+    os.kill(ranks[-1], signal.SIGKILL)
+    killed = time.monotonic()
+    job.communicate(timeout=120)
+    elapsed = time.monotonic() - killed
+    print(f"the job stopped {elapsed:.1f} s after rank 1 was killed")
+    assert job.returncode != 0 and elapsed < 60
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert 5 <= step < 400 and step % 5 == 0
+    resumed = [*command, "--ckpt_path", "last"]
+    resumed[resumed.index("400")] = str(step + 5)  # (--trainer.max_steps) a few steps more
+    process = subprocess.run(resumed, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == step + 5
