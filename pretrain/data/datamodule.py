@@ -12,6 +12,7 @@ from typing import Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from torch import Tensor
 
 from objectives.base import Batch, Layout
 from pretrain.data.cache import cached_arrays, file_lock, fingerprint
@@ -93,7 +94,16 @@ class TrainLoader(torch.utils.data.DataLoader):
         self.datamodule = datamodule
 
     def state_dict(self) -> dict[str, int | list[int]]:
-        return copy.deepcopy(self.datamodule.position)
+        """The position; streaming on several ranks, every rank's readers' positions too (their shares differ in
+        length, so each is somewhere else in its passes; only rank 0's state is written: it carries them all).
+        Called on every rank as a checkpoint is made."""
+        state = copy.deepcopy(self.datamodule.position)
+        if "readers" in state and torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            everyone: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everyone, state["readers"])
+            state["ranks"] = everyone
+        return state
 
     def load_state_dict(self, state: dict[str, int | list[int]]) -> None:
         self.datamodule.start_at(self, state)
@@ -349,18 +359,25 @@ class PretrainingDataModule(pl.LightningDataModule):
     def start_at(self, loader: torch.utils.data.DataLoader, position: dict[str, int]) -> None:
         """Make the loader's next pass continue epoch `position["epoch"]` after its first `position["batches"]`
         batches, and count on from there."""
-        self.position = dict(position)
+        self.position = {key: value for key, value in position.items() if key != "ranks"}  # (this rank's below)
         if isinstance(loader.dataset, StreamingExamples):
             roles, batches = max(1, self.hparams.num_workers), position["batches"]
-            # a checkpoint of an earlier version counted batches only: each worker made every roles-th batch
-            made = position.get("readers") or [max(0, (batches - role + roles - 1) // roles) for role in range(roles)]
+            # checkpoints of earlier versions counted batches (each worker made every roles-th batch), then each
+            # role's batches since the pass began; now each role's (pass, examples made in it)
+            rank = torch.distributed.get_rank() if torch.distributed.is_available() and \
+                torch.distributed.is_initialized() else 0
+            ranks = position.get("ranks")
+            made = (ranks[rank] if ranks and rank < len(ranks) else position.get("readers")) \
+                or [max(0, (batches - role + roles - 1) // roles) for role in range(roles)]
+            made = [list(m) if isinstance(m, (list, tuple)) else [position["epoch"], m * self.hparams.batch_size]
+                    for m in made]
             if len(made) != roles:
                 raise UserError(f"the checkpoint's streaming position is for {len(made)} dataloader worker(s), this "
                                 f"run has num_workers {self.hparams.num_workers}: resume with --data.num_workers "
                                 f"{len(made) if len(made) > 1 else 0} (each worker reads its own share)")
-            self.position["readers"] = list(made)
+            self.position["readers"] = made
             loader.dataset.epoch = position["epoch"]
-            loader.dataset.resume = (batches, [count * self.hparams.batch_size for count in made])
+            loader.dataset.resume = (batches, [tuple(m) for m in made])
         else:
             loader.sampler.resume = (position["epoch"], position["batches"] * self.hparams.batch_size)
 
@@ -391,20 +408,23 @@ class PretrainingDataModule(pl.LightningDataModule):
     def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """Count the training batches consumed (here, not in the loader: Lightning and the workers fetch ahead), and
         for streaming data, which reader made each (the field is removed from every batch)."""
-        reader = batch.pop("reader", None)
+        reader, passes = batch.pop("reader", None), batch.pop("pass", None)
         trainer = self.trainer
         if trainer is not None and trainer.training:
-            self.consumed(trainer.current_epoch, None if reader is None else int(reader[0]))
+            self.consumed(trainer.current_epoch, None if reader is None else int(reader[0]), passes)
         return batch
 
-    def consumed(self, epoch: int, reader: int | None) -> None:
-        """One more training batch of `epoch` consumed (made by streaming reader role `reader`)."""
+    def consumed(self, epoch: int, reader: int | None, passes: Tensor | None = None) -> None:
+        """One more training batch of `epoch` consumed (made by streaming reader role `reader`, its examples from
+        the reader's passes `passes`: the last pass's examples are counted, a batch may begin in the pass before)."""
         if self.position["epoch"] != epoch:
             self.position = {"epoch": epoch, "batches": 0}
         self.position["batches"] += 1
         if reader is not None:
-            counts = self.position.setdefault("readers", [0] * max(1, self.hparams.num_workers))
-            counts[reader] += 1
+            counts = self.position.setdefault("readers", [[epoch, 0] for _ in range(max(1, self.hparams.num_workers))])
+            last = int(passes[-1])
+            made = int((passes == last).sum())
+            counts[reader] = [last, made + (counts[reader][1] if counts[reader][0] == last else 0)]
 
     def load_state_dict(self, state: dict) -> None:
         """Checkpoints of earlier versions kept the data position here (now the training loader's state)."""

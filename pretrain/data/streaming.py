@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 
 from pretrain.data.packing import pack_stream, token_columns
 from pretrain.data.pairs import SHARD_DOCUMENTS, document_sentences, padded, pairs_of_documents, shard_rng
+from pretrain.errors import UserError
 
 T = TypeVar("T")
 Group = tuple[int, list[str]]  # a key unique in the pass (it seeds the group's draws), the texts
@@ -84,22 +85,24 @@ class PairLayout:
 class StreamingExamples(torch.utils.data.IterableDataset):
     """Examples computed on the fly from `documents` (a `datasets.IterableDataset` with a "text" column) in `layout`.
 
-    Sharding: the documents are read `read_batch` at a time and batch b goes to reader b mod readers (readers =
-    ranks x dataloader workers): every reader reads the text, but each document is tokenized by exactly one reader,
-    and each example comes from exactly one. Shuffling (`shuffle_buffer` > 0): documents, then examples, pass through
-    seeded buffers of that many items; the order is a function of (seed, epoch, reader) alone, so every epoch is
-    reshuffled and a resumed pass repeats it exactly. Without shuffling, one reader's examples are those of the
-    cached path, in its order.
+    Sharding: document i goes to reader i mod readers (readers = ranks x dataloader workers), which tokenizes its
+    documents `read_batch` at a time: every reader reads the text, but each document is tokenized by exactly one
+    reader, and each example comes from exactly one. Shuffling (`shuffle_buffer` > 0): documents, then examples,
+    pass through seeded buffers of that many items; the order is a function of (seed, epoch, reader) alone, so
+    every epoch is reshuffled and a resumed pass repeats it exactly. Without shuffling, one reader's examples are
+    those of the cached path, in its order.
 
     Epochs: `epoch` is the epoch of the next pass; every pass over a copy (a persistent worker's too) counts on,
     unless `same_every_pass` (validation: every pass the examples of epoch 0, unshuffled). With `endless` (set for
     several ranks, whose shares differ in length: a rank that ended its epoch early would wait for the others
     forever) one iteration runs the passes back to back, epoch after epoch, and the run ends at its max_steps.
-    Resume: set `resume` = (batches handed out in the epoch, examples each role made) before the loader is iterated:
-    the loader takes one batch from each worker in turn, starting with worker 0, so in the resumed pass worker w
-    plays the part of role (w + batches) mod workers of the interrupted pass, and skips the examples that role made
-    (they are recomputed, not trained on); the skip applies to the next pass only. Every example carries its role
-    ("reader") for the data module to count."""
+    Resume: set `resume` = (batches handed out in the epoch, (pass, examples made in that pass) of each role) before
+    the loader is iterated: the loader takes one batch from each worker in turn, starting with worker 0, so in the
+    resumed pass worker w plays the part of role (w + batches) mod workers of the interrupted pass, starts at that
+    role's pass and skips the examples the role made in it (they are recomputed, not trained on): a resume costs at
+    most one pass of one reader's share, however long the run (endless passes are counted one by one); the skip
+    applies to the next iteration only. Every example carries its role ("reader") and its pass ("pass") for the
+    data module to count."""
 
     def __init__(self, documents: datasets.IterableDataset, layout: StreamLayout | PairLayout,
                  shuffle_buffer: int = 0, seed: int = 0, read_batch: int = SHARD_DOCUMENTS,
@@ -114,28 +117,33 @@ class StreamingExamples(torch.utils.data.IterableDataset):
         worker = torch.utils.data.get_worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
         epoch, self.epoch = self.epoch, self.epoch + (not self.same_every_pass)
-        (offset, made), self.resume = self.resume or (0, [0] * workers), None
+        (offset, made), self.resume = self.resume or (0, [(epoch, 0)] * workers), None
         if len(made) != workers:
             raise ValueError(f"the position has {len(made)} readers' counts, the loader {workers} workers")
         role = (worker_id + offset) % workers
         reader, readers = shard(role)
-        return self._from(self._passes(reader, readers, epoch), made[role], role)
+        start, skip = made[role]
+        return self._passes(reader, readers, start, skip, role)
 
-    def _passes(self, reader: int, readers: int, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+    def _passes(self, reader: int, readers: int, epoch: int, skip: int, role: int
+                ) -> Iterator[dict[str, np.ndarray]]:
+        """The reader's passes from `epoch` on (one unless `endless`), the first `skip` examples of the first left
+        out; each example tagged with its role and pass."""
+        tags = {"reader": np.int64(role)}
         while True:
             empty = True
-            for example in self.examples(reader, readers, epoch):
+            tags["pass"] = np.int64(epoch)
+            for count, example in enumerate(self.examples(reader, readers, epoch)):
                 empty = False
-                yield example
+                if count >= skip:
+                    yield example | tags
+            if empty and self.endless:  # its rank would stop while the others wait for it at the next step
+                raise UserError(f"streaming reader {reader} of {readers} (ranks x data workers) found no document: "
+                                f"the corpus has fewer documents than readers; use fewer --data.num_workers or "
+                                "devices, or the cached path (--data.streaming false)")
             if not self.endless or empty:  # (a reader with nothing to read ends)
                 return
-            epoch += 1
-
-    @staticmethod
-    def _from(examples: Iterator[dict[str, np.ndarray]], skip: int, role: int) -> Iterator[dict[str, np.ndarray]]:
-        for count, example in enumerate(examples):
-            if count >= skip:
-                yield example | {"reader": np.int64(role)}
+            epoch, skip = epoch + 1, 0
 
     def examples(self, reader: int, readers: int, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         """Reader `reader`'s examples (of `readers`) in epoch `epoch`."""
@@ -147,16 +155,24 @@ class StreamingExamples(torch.utils.data.IterableDataset):
         return rows
 
     def _groups(self, reader: int, readers: int, epoch: int) -> Iterator[Group]:
-        """This reader's documents in groups of `read_batch`: the read batches b with b mod readers == reader, keyed
-        by their first document's index; shuffled, groups of the buffer's output, keyed by reader and count."""
-        mine = ((b, batch["text"]) for b, batch in enumerate(self.documents.iter(batch_size=self.read_batch))
-                if b % readers == reader)
+        """This reader's documents (those whose index i has i mod readers == reader: every reader has some once
+        the corpus has as many documents as there are readers) in groups of `read_batch`, keyed by their first
+        document's index; shuffled, groups of the buffer's output, keyed by reader and count."""
+        mine = (text for b, batch in enumerate(self.documents.iter(batch_size=self.read_batch))
+                for i, text in enumerate(batch["text"], start=b * self.read_batch) if i % readers == reader)
         if not self.shuffle_buffer:
-            yield from ((b * self.read_batch, texts) for b, texts in mine)
+            group: list[str] = []
+            count = 0
+            for text in mine:
+                group.append(text)
+                if len(group) == self.read_batch:
+                    yield count * self.read_batch * readers + reader, group
+                    group, count = [], count + 1
+            if group:
+                yield count * self.read_batch * readers + reader, group
             return
-        texts = shuffled((text for _, read in mine for text in read), self.shuffle_buffer,
-                         np.random.default_rng([self.seed, epoch, reader, 0]))
-        group: list[str] = []
+        texts = shuffled(mine, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, reader, 0]))
+        group = []
         count = 0
         for text in texts:
             group.append(text)

@@ -435,7 +435,7 @@ def test_a_resumed_loader_continues_the_epoch_where_it_stopped(streaming, worker
         loader.sampler.set_epoch(3)
     every = []
     for batch in loader:  # the data module counts what a training loop consumed
-        straight.consumed(3, int(batch["reader"][0]) if streaming else None)
+        straight.consumed(3, int(batch["reader"][0]) if streaming else None, batch.get("pass"))
         every.append(batch["input_ids"].tolist())
         if len(every) == 5:
             position = copy.deepcopy(straight.position)  # what a checkpoint after 5 batches of epoch 3 holds
@@ -451,8 +451,9 @@ def test_a_resumed_loader_continues_the_epoch_where_it_stopped(streaming, worker
         assert isinstance(loader, _Stateful) and loader.state_dict() == {"epoch": 0, "batches": 0}
         loader.load_state_dict(position)
         assert loader.state_dict() == position
-    if streaming:  # the workers took turns (the legacy position is derived from that)
-        assert resumed.position["readers"] == ([3, 2] if workers == 2 else [5])
+    if streaming:  # the workers took turns (the legacy position is derived from that): (pass, examples made in it)
+        size = resumed.hparams.batch_size
+        assert resumed.position["readers"] == ([[3, 3 * size], [3, 2 * size]] if workers == 2 else [[3, 5 * size]])
     if not streaming:
         loader.sampler.set_epoch(3)
     assert len(every) > 8 and loader_batches(loader) == every[5:]
@@ -616,7 +617,8 @@ def test_streaming_readers_tokenize_each_document_once_and_yield_it_once(layout,
 
 def test_endless_streaming_runs_the_epochs_back_to_back_and_resumes_across_them(tmp_path, tokenizer_path):
     """Several ranks stream endlessly (their shares differ in length; none may end an epoch alone): one iteration
-    holds epoch 0 then epoch 1 ..., and a resume skips across the boundary."""
+    holds epoch 0 then epoch 1 ..., each example tagged with its pass, and a resume starts at the saved pass (the
+    passes before it are not read again: a resume's cost does not grow with the run)."""
     corpus = write_documents(tmp_path / "corpus.txt", [f"line {i} of verse, and more." for i in range(60)])
     data = module(corpus, tokenizer_path, tmp_path, streaming=True, validation_fraction=0.0, shuffle_buffer=16)
     data.setup()
@@ -626,8 +628,15 @@ def test_endless_streaming_runs_the_epochs_back_to_back_and_resumes_across_them(
     endless = iter(dataset)
     together = [next(endless)["input_ids"].tolist() for _ in range(sum(map(len, epochs)))]
     assert together == epochs[0] + epochs[1] + epochs[2]
-    dataset.epoch, dataset.resume = 0, (0, [len(epochs[0]) + 2])  # a position 2 examples into epoch 1
-    assert next(iter(dataset))["input_ids"].tolist() == epochs[1][2]
+    dataset.epoch, dataset.endless = 0, True
+    tags = [int(e["pass"]) for _, e in zip(range(len(together)), iter(dataset), strict=False)]
+    assert tags == [0] * len(epochs[0]) + [1] * len(epochs[1]) + [2] * len(epochs[2])
+    read = []
+    examples = dataset.examples
+    dataset.examples = lambda reader, readers, epoch: read.append(epoch) or examples(reader, readers, epoch)
+    dataset.epoch, dataset.resume = 0, (0, [(1, 2)])  # a position 2 examples into pass 1
+    resumed = iter(dataset)
+    assert next(resumed)["input_ids"].tolist() == epochs[1][2] and read == [1]
 
 
 def test_streaming_reshuffles_every_epoch_under_its_seed(tmp_path, tokenizer_path):

@@ -167,3 +167,32 @@ def test_a_rank_that_dies_stops_the_job_within_seconds_and_the_run_resumes(tmp_p
     process = subprocess.run(resumed, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert process.returncode == 0, process.stderr[-3000:]
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == step + 5
+
+
+def test_two_ranks_streaming_endlessly_resume_exactly_across_passes(tmp_path):
+    """2 ranks x 2 workers stream a corpus whose share per reader is a few batches, so the endless iteration runs
+    pass after pass: stopped at step 5 (each reader several passes in) and resumed, the run ends bitwise where the
+    uninterrupted one ends; the position holds each reader's (pass, examples made in it), not a count since step 0."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"verse {i}: " + " ".join(WORDS[(i + j) % len(WORDS)] for j in range(i % 9 + 5))
+                                  for i in range(80)) + "\n")
+    streaming = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--data.files", f"[{corpus}]",
+                 "--data.streaming", "true", "--data.num_workers", "2", "--data.shuffle_buffer", "16",
+                 "--data.validation_fraction", "0", "--trainer.limit_val_batches", "0", "--data.max_length", "32",
+                 "--data.batch_size", "4", "--model.backbone.dropout", "0", "--model.backbone.attention_dropout", "0",
+                 "--model.total_steps", "12"]
+
+    def run(name: str, steps: int, *extra: str) -> None:
+        command = first_run(tmp_path, name, *streaming, *extra)
+        command[command.index("--trainer.max_steps") + 1] = str(steps)
+        process = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert process.returncode == 0, process.stderr[-3000:]
+
+    run("straight", 12)
+    run("resumed", 5)
+    saved = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    readers = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["readers"]
+    assert len(readers) == 2 and max(p for p, _ in readers) >= 1  # the readers are past their first pass
+    run("resumed", 12, "--ckpt_path", "last")
+    straight, resumed = last_weights(tmp_path / "straight"), last_weights(tmp_path / "resumed")
+    assert [name for name in straight if not torch.equal(straight[name], resumed[name])] == []
