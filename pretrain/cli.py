@@ -359,9 +359,11 @@ def said_in_one_line(error: Exception) -> bool:
     """Bad input (`UserError`, or a `ConfigError` of a model, objective or optimizer) and what the machine refused
     (an `OSError`: a file unreadable, a disk full) are said in one line; anything else is a bug of ours and keeps
     its traceback."""
+    if isinstance(error, (UserError, OSError)):
+        return True
     from models.config import ConfigError  # (here: `pretrain --help` imports no torch)
 
-    return isinstance(error, (UserError, ConfigError, OSError))
+    return isinstance(error, ConfigError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 
 from pretrain.errors import UserError
 
-LOCK_TIMEOUT = 6 * 3600  # seconds: a cache of a large corpus can take hours to build; a lock held longer is a hang
+LOCK_TIMEOUT = 24 * 3600  # seconds: a cache of a large corpus can take hours to build; a lock held longer is a hang
 
 
 
@@ -49,7 +49,8 @@ def file_lock(path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
             lock.acquire(timeout=max(0.0, timeout - 30.0))
         except Timeout:
             raise UserError(f"waited {timeout / 60:,.0f} min for the lock {path}: another process holds it (a run "
-                            "building the same cache or tokenizer). If none is running, delete that file") from None
+                            "building the same cache or tokenizer; a process that died holds no lock). Stop that run, "
+                            "or give this one another --data.cache_dir") from None
     try:
         yield
     finally:
@@ -65,10 +66,14 @@ def write_synced(path: Path, data: bytes) -> None:
 
 
 def sync_directory(path: Path) -> None:
-    """Make the entries of directory `path` (files created, a rename) durable."""
-    descriptor = os.open(path, os.O_RDONLY)
+    """Make the entries of directory `path` (files created, a rename) durable, where the platform allows it."""
     try:
-        os.fsync(descriptor)
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:  # not every platform opens directories
+        return
+    try:
+        with contextlib.suppress(OSError):  # some filesystems refuse to fsync a directory: the entries still stand
+            os.fsync(descriptor)
     finally:
         os.close(descriptor)
 

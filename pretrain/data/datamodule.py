@@ -364,11 +364,19 @@ class PretrainingDataModule(pl.LightningDataModule):
             roles, batches = max(1, self.hparams.num_workers), position["batches"]
             # checkpoints of earlier versions counted batches (each worker made every roles-th batch), then each
             # role's batches since the pass began; now each role's (pass, examples made in it)
-            rank = torch.distributed.get_rank() if torch.distributed.is_available() and \
-                torch.distributed.is_initialized() else 0
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
             ranks = position.get("ranks")
-            made = (ranks[rank] if ranks and rank < len(ranks) else position.get("readers")) \
+            if ranks is not None and len(ranks) != world:
+                raise UserError(f"the checkpoint's streaming position is for {len(ranks)} ranks, this run has {world}: "
+                                f"resume on {len(ranks)} (devices x nodes): each rank reads its own share")
+            made = (ranks[rank] if ranks else position.get("readers")) \
                 or [max(0, (batches - role + roles - 1) // roles) for role in range(roles)]
+            earlier = not made or not isinstance(made[0], (list, tuple)) or (world > 1 and ranks is None)
+            if earlier and roles * world > 1 and rank == 0:
+                print("note: the checkpoint's streaming position was written by an earlier version, which shared the "
+                      "documents among the readers otherwise: the run resumes about where it was, not at exactly "
+                      "the examples it would have seen next", flush=True)
             made = [list(m) if isinstance(m, (list, tuple)) else [position["epoch"], m * self.hparams.batch_size]
                     for m in made]
             if len(made) != roles:

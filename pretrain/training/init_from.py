@@ -82,12 +82,13 @@ def load_weights(backbone: nn.Module, heads: dict[str, nn.Module], source: Pretr
     return lines
 
 
-def tokenizer_fits(tokenizer: Tokenizer, source: Tokenizer, path: str, init_from: str) -> None:
+def tokenizer_fits(tokenizer: Tokenizer, source: Tokenizer, path: str, init_from: str,
+                   option: str = "model.init_from") -> None:
     """The run's tokenizer must be the source's, with at most tokens added after its own (`data.add_tokens`): every
     token of the source keeps its id."""
     theirs = source.get_vocab()
     if tokenizer.get_vocab_size() < len(theirs) or any(tokenizer.token_to_id(t) != i for t, i in theirs.items()):
-        raise UserError(f"data.tokenizer {path} is not the tokenizer of model.init_from {init_from}: the source's "
+        raise UserError(f"data.tokenizer {path} is not the tokenizer of {option} {init_from}: the source's "
                         "embeddings belong to its own; leave data.tokenizer out to use it (data.add_tokens adds "
                         "domain tokens to it)")
 

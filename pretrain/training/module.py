@@ -127,23 +127,32 @@ class PretrainingModule(pl.LightningModule):
         loaded = load_tokenizer(tokenizer) if tokenizer else None
         if loaded is not None and add_tokens:  # the data's domain tokens (`data.add_tokens`, linked)
             add_tokens_from(loaded, add_tokens)
-        source = generator_source = None
+        source = generator_source = skipped = None
         electra = next((o for o in objectives if isinstance(o, ReplacedTokenDetection)), None)
         if init_from is not None or init_generator_from is not None:  # continued pretraining: from the source
             from pretrain.training import init_from as continued
 
+            given = init_generator_from
             init_generator_from = continued.generator_path(init_from, init_generator_from, electra is not None)
             source = continued.load_source(init_from)
             if init_generator_from is not None:
                 generator_source = continued.load_source(init_generator_from, "model.init_generator_from")
-            for model in (source, generator_source):
+            for model, path, option in ((source, init_from, "model.init_from"),
+                                        (generator_source, init_generator_from, "model.init_generator_from")):
                 if loaded is not None and model is not None:
-                    continued.tokenizer_fits(loaded, model.tokenizer, tokenizer, init_from)
+                    continued.tokenizer_fits(loaded, model.tokenizer, tokenizer, path, option)
                     continued.grow_vocabulary(model.model, loaded.get_vocab_size())  # tokens added here: new rows
             backbone = continued.source_architecture(source.config, backbone, init_from)
             if generator_source is not None:
-                electra.generator_size = continued.generator_size(generator_source.config, backbone,
-                                                                  electra.generator_size, init_generator_from)
+                try:
+                    electra.generator_size = continued.generator_size(generator_source.config, backbone,
+                                                                      electra.generator_size, init_generator_from)
+                except UserError as error:
+                    if given is not None:
+                        raise
+                    # the generator found beside the discriminator does not fit the recipe: a fresh one, said
+                    skipped = f"  not used: {init_generator_from}, found beside it ({error})"
+                    generator_source = None
         elif backbone is None:
             raise UserError("model.backbone is missing: give the architecture (see configs/), or model.init_from to "
                             "continue a model that exists")
@@ -169,6 +178,8 @@ class PretrainingModule(pl.LightningModule):
             elif electra is not None:
                 self.init_report.append("  new (fresh weights): ELECTRA's generator (model.init_generator_from "
                                         "continues a released one)")
+            if skipped:
+                self.init_report.append(skipped)
             print("\n".join(self.init_report), flush=True)
         self.accuracy = nn.ModuleDict({
             f"{stage}_{o.name}": MeanMetric(nan_strategy="disable") for stage in ("train", "val") for o in objectives
@@ -422,7 +433,11 @@ class PretrainingModule(pl.LightningModule):
             print(note, flush=True)
         hp = self.hparams
         changed = [key for key in OPTIMIZER_SETTINGS if key in saved and _plain(saved[key]) != _plain(hp[key])]
-        if not changed:
+        # (FSDP restores the checkpoint after the optimizer and schedule were built: the saved decay length is
+        # applied here)
+        late = (hp.total_steps is None and (self._saved_schedule or {}).get("total_steps") is not None
+                and (self._schedule or {}).get("total_steps") != self._saved_schedule["total_steps"])
+        if not changed and not late:
             return
         optimizer, scheduler = self.optimizers().optimizer, self.lr_schedulers()
         for group in optimizer.param_groups:

@@ -261,7 +261,14 @@ def test_an_electra_generator_that_does_not_fit_is_refused_or_said(workdir, tmp_
     with pytest.raises(UserError, match=r"generator_size 0.5 contradicts model.init_generator_from .*\(a generator "
                                         r"0.25 of the discriminator's width\): leave generator_size out"):
         PretrainingModule(objectives=[ReplacedTokenDetection(generator_size=0.5)], init_from=str(discriminator),
-                          tokenizer=str(discriminator))
+                          init_generator_from=str(generator), tokenizer=str(discriminator))
+    # the generator found beside the discriminator, not asked for, that does not fit the recipe: fresh, and said
+    module = PretrainingModule(objectives=[ReplacedTokenDetection(generator_size=0.5)], init_from=str(discriminator),
+                               tokenizer=str(discriminator))
+    report = "\n".join(module.init_report)
+    assert f"not used: {generator}, found beside it (ReplacedTokenDetection's generator_size 0.5" in report
+    assert "new (fresh weights): ELECTRA's generator" in report
+    assert module.objectives[0].generator.config.hidden_size == module.backbone.config.hidden_size // 2
     with pytest.raises(UserError, match="model.init_generator_from is ELECTRA's generator: this recipe has no "
                                         "ReplacedTokenDetection"):
         PretrainingModule(objectives=[MaskedLM()], init_from=str(discriminator), init_generator_from=str(generator),
