@@ -13,12 +13,17 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def readme_commands() -> list[str]:
-    """The `pretrain ...` command lines of the README's bash blocks (also those after `&&`), comments removed."""
-    commands, in_bash = [], False
+    """The `pretrain ...` command lines of the README's bash blocks (also those after `&&`, and lines continued with
+    a backslash), comments removed."""
+    commands, in_bash, continued = [], False, ""
     for line in README.read_text().splitlines():
         if line.startswith("```"):
             in_bash = line.strip() == "```bash"
             continue
+        if in_bash and line.rstrip().endswith("\\"):
+            continued += line.rstrip()[:-1]
+            continue
+        line, continued = continued + line, ""
         if in_bash:
             for part in line.split("&&"):
                 words = shlex.split(part, comments=True)
