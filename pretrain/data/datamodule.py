@@ -106,6 +106,12 @@ class TrainLoader(torch.utils.data.DataLoader):
         return state
 
     def load_state_dict(self, state: dict[str, int | list[int]]) -> None:
+        if self.datamodule.start_anew:  # the checkpoint's position is in other data (another phase)
+            if self.datamodule.trainer is None or self.datamodule.trainer.is_global_zero:
+                print(f"note: the data settings changed ({', '.join(self.datamodule.start_anew)}): the training data "
+                      "starts from its beginning; the weights, optimizer, schedule and step count go on from the "
+                      "checkpoint", flush=True)
+            return
         self.datamodule.start_at(self, state)
 
 
@@ -216,6 +222,7 @@ class PretrainingDataModule(pl.LightningDataModule):
         self.datasets: dict[str, torch.utils.data.Dataset] = {}
         self.position = {"epoch": 0, "batches": 0}  # training batches this rank consumed in this epoch
         self._resume_from: dict[str, int] | None = None
+        self.start_anew: list[str] = []  # changed data settings on a resume: the saved position is not used
 
     def _tokenizer_ready(self) -> str | None:
         """Train the tokenizer if it is to be trained and is not there yet; check that one found there was trained on
@@ -351,7 +358,7 @@ class PretrainingDataModule(pl.LightningDataModule):
             # last partial batch is dropped, unless the split is smaller than one batch.
             sampler = ResumableSampler(dataset, shuffle=True, seed=hp.seed)
             loader = self._loader(dataset, sampler, drop_last=len(sampler) >= hp.batch_size, train=True)
-        if self._resume_from is not None:  # a checkpoint of an earlier version kept the position here
+        if self._resume_from is not None and not self.start_anew:  # (an earlier version kept the position here)
             self.start_at(loader, self._resume_from)
             self._resume_from = None
         return loader

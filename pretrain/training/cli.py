@@ -100,11 +100,13 @@ def lightning_cli(argv: list[str], run: bool = True, parse_only: bool = False):
                 if path is not None:  # (read weights-only here: FSDP's own reader of a full file would not)
                     recipe = saved_recipe(path)
                     if self.subcommand == "fit":
-                        check_recipe(recipe, config.as_dict(), path)
+                        self.data_changed = check_recipe(recipe, config.as_dict(), path)
 
         def after_instantiate_classes(self) -> None:
             super().after_instantiate_classes()
             self.model.check_data(self.datamodule)  # before the cache is built and before the first step
+            if getattr(self, "data_changed", None):  # other data than the checkpoint's: it starts from its beginning
+                self.datamodule.start_anew = self.data_changed
 
         def instantiate_trainer(self, **kwargs):
             section = self.config_init[self.subcommand] if self.subcommand else self.config_init

@@ -88,12 +88,13 @@ def saved_recipe(path: Path) -> str | None:
                         "pretrain fit") from error
 
 
-def check_recipe(saved_recipe: str | None, current: dict, path: Path) -> None:
+def check_recipe(saved_recipe: str | None, current: dict, path: Path) -> list[str]:
     """Refuse a resume that changes the architecture, objectives or optimizer (all refused lines at once); print a
-    line for every other model, data or seed setting that changed (they apply: data changes end the exactness of the
-    resumed data position; optimizer settings are applied to the restored optimizer by the module, which says so)."""
+    line for every other model, data or seed setting that changed (they apply; optimizer settings are applied to the
+    restored optimizer by the module, which says so). Returns the changed data settings: with them the training
+    data starts from its beginning (the saved position belongs to other data: a second phase at another length)."""
     if not saved_recipe:
-        return
+        return []
     refused, said = recipe_changes(saved_recipe, current)
     if refused:
         raise UserError(f"cannot resume from {path}: " + "; ".join(refused) + ". A resumed run keeps its architecture, "
@@ -101,3 +102,4 @@ def check_recipe(saved_recipe: str | None, current: dict, path: Path) -> None:
                         "--trainer.default_root_dir")
     for line in said:
         print(f"note: resuming with a changed setting: {line}", flush=True)
+    return [line.split(":")[0] for line in said if line.startswith("data.")]

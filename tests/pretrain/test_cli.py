@@ -22,8 +22,10 @@ from pretrain.training.cli import lightning_cli
 from tests.helpers import run_cli
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-# (the continued-pretraining recipes need a source model: tests/pretrain/training/test_init_from.py runs them)
-RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("continue-"))
+# (the continued-pretraining recipes need a source model: tests/pretrain/training/test_init_from.py runs them; a
+# second phase is laid over its first: tests/pretrain/training/test_resume.py runs them)
+RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("continue-")
+                 and not p.stem.endswith("-phase2"))
 PRESET_OF = {"bert-base": "bert-base", "albert-base": "albert-base", "electra-small": "electra-small",
              "gpt2-small": "gpt2-small"}
 

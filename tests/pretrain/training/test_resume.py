@@ -109,3 +109,33 @@ def test_activation_checkpointing_turned_on_at_a_resume_changes_nothing_but_memo
         "--model.backbone.activation_checkpointing", "blocks")
     straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert [name for name in straight if not torch.equal(straight[name], resumed[name])] == []
+
+
+def test_two_phases_go_on_from_the_first_phase_with_new_data(tmp_path, capsys):
+    """BERT's two phases, tiny: phase 1 at length 32 (steps 1-40 of a decay over 50), then the phase-2 overlay at 64
+    from phase 1's last checkpoint in its own directory: the data starts from its beginning (said), and the step
+    count, optimizer state and schedule go on (AdamW's step count is 50 at the end, the global step 50, the decay the
+    one phase 1 began); phase 2's first loss is phase 1's level, not a fresh model's."""
+    two_phase = CONFIGS / "tiny" / "two-phase"
+    common = ["--data.files", f"[{BUNDLED_CORPUS}]", "--data.tokenizer", str(tmp_path / "tokenizer.json"),
+              "--data.tokenizer_vocab_size", "400", "--model.backbone.vocab_size", "400", "--data.cache_dir",
+              str(tmp_path / "cache"), "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+              "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0"]
+    phase1 = ["fit", "-c", str(two_phase / "bert.yaml"), *common, "--trainer.default_root_dir", str(tmp_path / "one")]
+    assert main(phase1) == 0
+    capsys.readouterr()
+    phase2 = ["fit", "-c", str(two_phase / "bert.yaml"), "-c", str(two_phase / "bert-phase2.yaml"), *common,
+              "--trainer.default_root_dir", str(tmp_path / "two"), "--ckpt_path",
+              str(tmp_path / "one" / "checkpoints" / "last.ckpt")]
+    assert main(phase2) == 0
+    out = capsys.readouterr().out
+    assert "note: the data settings changed (data.batch_size, data.max_length): the training data starts from its " \
+           "beginning" in out
+    saved = torch.load(tmp_path / "two" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 50 and saved["pretrain"]["schedule"]["total_steps"] == 50
+    assert all(int(state["step"]) == 50 for state in saved["optimizer_states"][0]["state"].values())
+    first, second = logged(tmp_path / "one", "train/loss"), logged(tmp_path / "two", "train/loss")
+    assert min(second) == 40 == max(first) + 1  # (0-based) phase 2's first step is the 41st
+    mean = (lambda losses, steps: sum(float(losses[step]) for step in steps) / len(steps))
+    start, end, then = mean(first, range(5)), mean(first, range(35, 40)), mean(second, range(40, 45))
+    assert abs(then - end) < 0.5 * (start - end), (start, end, then)  # no jump back towards a fresh model
