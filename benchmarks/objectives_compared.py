@@ -215,8 +215,9 @@ FINE_TUNING = {"encoder": {"pooling": "mean", "learning_rate": 1e-3},
 
 
 def fine_tune(arm: str, checkpoint: Path, task: str, files: tuple[Path, Path, int], seed: int, out: Path,
-              epochs: int, from_scratch: bool) -> dict:
-    """One seed (cached): dev accuracy after the last epoch, and the training set's accuracy with the same model."""
+              epochs: int, from_scratch: bool, learning_rate: float | None = None) -> dict:
+    """One seed (cached): dev accuracy after the last epoch, and the training set's accuracy with the same model
+    (`learning_rate`: another than the family's)."""
     from pretrain.downstream.finetune import Settings, finetune
     from pretrain.downstream.tasks import Task
 
@@ -226,6 +227,7 @@ def fine_tune(arm: str, checkpoint: Path, task: str, files: tuple[Path, Path, in
     else:
         train, dev, length = files
         family = FINE_TUNING["decoder" if arm in ("gpt", "scratch_decoder") else "encoder"]
+        family = family | ({"learning_rate": learning_rate} if learning_rate else {})
         settings = Settings(epochs=epochs, batch_size=32, max_length=length, from_scratch=from_scratch,
                             last_epoch_only=True, score_train=True, **family)
         results = finetune(checkpoint, Task(task, text="text", label="label", labels=("0", "1")), train, dev,
