@@ -275,8 +275,11 @@ class PretrainingModule(pl.LightningModule):
         return warmup_steps, total_steps
 
     def _schedule_settings(self) -> dict:
-        """The trainer settings the estimated number of steps follows from, as the user gives them."""
-        trainer = self.trainer
+        """The trainer settings the estimated number of steps follows from, as the user gives them (none without a
+        trainer: the module used on its own)."""
+        trainer = self._trainer
+        if trainer is None:
+            return {}
         return {"trainer.max_steps": trainer.max_steps, "trainer.max_epochs": trainer.max_epochs,
                 "devices x num_nodes": trainer.world_size,
                 "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches}
