@@ -7,7 +7,7 @@ IMDB's 50,000 unlabelled reviews for a fixed number of steps, and both models ar
 labels exactly as `benchmarks/objectives_compared.py` fine-tunes its arms (mean pooling, 3 epochs, the last
 epoch's model scored on 5,000 test reviews), three seeds each.
 
-    python benchmarks/continued_pretraining.py                  # about 1 h 10 min on 2 cores
+    python benchmarks/continued_pretraining.py                  # about 1 h 40 min on 2 cores
     python benchmarks/continued_pretraining.py --control        # also: the same steps continued on WikiText-2
     python benchmarks/continued_pretraining.py --smoke --out runs/smoke-dapt   # a minute: tiny sizes and data
 
