@@ -17,6 +17,7 @@ entries and `meta.pt` with `weights_only=True`.
 from __future__ import annotations
 
 import contextlib
+import enum
 import io
 import os
 import pickle
@@ -248,10 +249,19 @@ class _ShardIndexUnpickler(pickle.Unpickler):
     sizes, dtypes, layouts and paths: a crafted index cannot run code."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("builtins", "getattr"):  # how some Python 3.11 releases pickle an enum member
+            return _enum_member
         found = super().find_class(module, name) if _index_global(module, name) else None
         if found is None:
             raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint index")
         return found
+
+
+def _enum_member(cls: Any, name: Any) -> Any:
+    """`getattr` as an index may use it: a member of an enum class the unpickler admitted, nothing else."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str) and name in cls.__members__:
+        return cls[name]
+    raise pickle.UnpicklingError("getattr in a checkpoint index reaches only members of its enums")
 
 
 def _index_global(module: str, name: str) -> bool:

@@ -265,3 +265,23 @@ def test_each_block_that_runs_once_is_its_own_fsdp_unit_and_shared_blocks_stay_i
     policy = BlockWrapPolicy(blocks_to_wrap(plain))
     assert policy(plain.attention_layers[0], False, 0) and not policy(plain.embeddings, False, 0)
     assert policy(plain, True, 0)  # (recursion goes on below every module)
+
+
+def test_getattr_in_an_index_reaches_enum_members_only():
+    """Some Python 3.11 releases pickle an enum member as getattr(EnumClass, name): the index reader allows that and
+    nothing else getattr could reach (a step towards calling anything)."""
+    import io
+    from pathlib import PosixPath
+
+    from pretrain.training.checkpoints import _ShardIndexUnpickler
+
+    class Reduced:
+        def __init__(self, *args):
+            self.args = args
+
+        def __reduce__(self):
+            return getattr, self.args
+
+    crafted = pickle.dumps(Reduced(PosixPath, "__init__"))  # an admitted class, an attribute that is not a member
+    with pytest.raises(pickle.UnpicklingError, match="getattr in a checkpoint index reaches only members"):
+        _ShardIndexUnpickler(io.BytesIO(crafted)).load()
