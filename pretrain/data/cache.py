@@ -66,7 +66,8 @@ def write_synced(path: Path, data: bytes) -> None:
 
 
 def sync_directory(path: Path) -> None:
-    """Make the entries of directory `path` (files created, a rename) durable, where the platform allows it."""
+    """Make the entries of directory `path` (files created, a rename) durable, where the platform allows it (the
+    cache's and the checkpoints': a crash right after a rename must not bring the old name back)."""
     try:
         descriptor = os.open(path, os.O_RDONLY)
     except OSError:  # not every platform opens directories

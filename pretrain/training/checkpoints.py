@@ -16,7 +16,6 @@ entries and `meta.pt` with `weights_only=True`.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import io
 import os
@@ -36,6 +35,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.plugins.io import CheckpointIO
 from torch import Tensor
 
+from pretrain.data.cache import sync_directory
 from pretrain.errors import UserError
 
 LAST = "last.ckpt"
@@ -94,7 +94,7 @@ def write_atomically(path: str | Path, write: Callable[[IO[bytes]], None]) -> No
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-        fsync_directory(path.parent)
+        sync_directory(path.parent)
     except BaseException as error:
         temporary.unlink(missing_ok=True)
         cause = os_error_in(error)
@@ -130,19 +130,6 @@ def write_failure(path: Path, error: OSError) -> str:
             "intact. Free space (or set --trainer.default_root_dir on another disk), then resume with --ckpt_path last")
 
 
-def fsync_directory(directory: Path) -> None:
-    """Make a rename in `directory` durable (a crash right after it must not bring the old name back)."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:  # not every platform opens directories
-        return
-    try:
-        with contextlib.suppress(OSError):  # some filesystems refuse to fsync a directory: the rename still stands
-            os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def link_or_copy(source: Path, target: Path) -> None:
     """`target` becomes the same file as `source`, atomically: a hard link (no second write) where the filesystem
     has them, else a copy."""
@@ -155,7 +142,7 @@ def link_or_copy(source: Path, target: Path) -> None:
             write_atomically(target, lambda out: shutil.copyfileobj(file, out, 2**24))
         return
     os.replace(temporary, target)
-    fsync_directory(target.parent)
+    sync_directory(target.parent)
 
 
 def replace_directory(source: Path, target: Path) -> None:
@@ -166,7 +153,7 @@ def replace_directory(source: Path, target: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(target, aside)
     os.replace(source, target)
-    fsync_directory(target.parent)
+    sync_directory(target.parent)
     remove(aside)
 
 
@@ -185,7 +172,7 @@ def point_link(link: Path, target: Path) -> None:
     temporary.unlink(missing_ok=True)
     os.symlink(target.name, temporary)
     os.replace(temporary, link)
-    fsync_directory(link.parent)
+    sync_directory(link.parent)
 
 
 # --- reading --------------------------------------------------------------------------------------------------
@@ -538,7 +525,7 @@ class Checkpoints(Callback):
         if trainer.is_global_zero:
             with open(staging / SHARD_METADATA, "rb") as file:  # (torch.distributed.checkpoint fsyncs its own files)
                 os.fsync(file.fileno())
-            fsync_directory(staging)
+            sync_directory(staging)
             replace_directory(staging, target)  # (never the directory last.ckpt points to)
             point_link(self.last, target)
             remove(other)  # this step's earlier save, if any: no longer the last

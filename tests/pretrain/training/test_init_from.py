@@ -27,6 +27,13 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("init_from")
 
 
+def save_source(model, tokenizer, directory):
+    """`model` saved as a Hugging Face directory (`save_pretrained`) with the tokenizer file beside it."""
+    model.save_pretrained(directory)
+    shutil.copy(tokenizer, directory / "tokenizer.json")
+    return directory
+
+
 def hugging_face_source(name: str, workdir, settings):
     """A random Hugging Face model of the family (`save_pretrained`, its tokenizer beside it), its batches, and the
     Hugging Face model itself."""
@@ -34,9 +41,7 @@ def hugging_face_source(name: str, workdir, settings):
     batches, tokenizer = parity.make_batches(parity.FAMILIES[name], settings, workdir)
     module = parity.build_module(name, tokenizer, settings)
     [model] = parity.hugging_face_models(module, parity.FAMILIES[name].hf_family)
-    directory = workdir / f"hf-{name}"
-    model.save_pretrained(directory)
-    shutil.copy(tokenizer, directory / "tokenizer.json")
+    directory = save_source(model, tokenizer, workdir / f"hf-{name}")
     return directory, batches, model
 
 
@@ -142,9 +147,7 @@ def test_a_llama_source_starts_at_its_own_loss(workdir):
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                       tie_word_embeddings=False)
     model = transformers.LlamaForCausalLM(config)
-    directory = workdir / "hf-llama"
-    model.save_pretrained(directory)
-    shutil.copy(tokenizer, directory / "tokenizer.json")
+    directory = save_source(model, tokenizer, workdir / "hf-llama")
     module = PretrainingModule(objectives=[CausalLM()], init_from=str(directory), tokenizer=str(directory))
     assert "heads clm loaded" in module.init_report[0]
     batch = batches[0]
@@ -170,9 +173,7 @@ def test_a_modernbert_source_starts_at_its_own_loss(workdir):
     config.vocab_size = load_tokenizer(tokenizer).get_vocab_size()
     torch.manual_seed(0)
     model = transformers.ModernBertForMaskedLM(config)
-    directory = workdir / "hf-modernbert"
-    model.save_pretrained(directory)
-    shutil.copy(tokenizer, directory / "tokenizer.json")
+    directory = save_source(model, tokenizer, workdir / "hf-modernbert")
     module = PretrainingModule(objectives=[MaskedLM()], init_from=str(directory), tokenizer=str(directory))
     assert "heads mlm loaded" in module.init_report[0]
     batch = {key: value for key, value in batches[0].items() if key != "token_type_ids"}
@@ -224,8 +225,7 @@ def electra_release(workdir):
     discriminator, generator = parity.hugging_face_models(module)
     directories = workdir / "electra-tiny-discriminator", workdir / "electra-tiny-generator"
     for model, directory in zip((discriminator, generator), directories, strict=True):
-        model.save_pretrained(directory)
-        shutil.copy(tokenizer, directory / "tokenizer.json")
+        save_source(model, tokenizer, directory)
     return directories, batches, [discriminator, generator]
 
 
@@ -277,8 +277,7 @@ def test_an_electra_generator_that_does_not_fit_is_refused_or_said(workdir, tmp_
 
     config = transformers.AutoConfig.from_pretrained(generator)
     config.num_hidden_layers = 1
-    transformers.ElectraForMaskedLM(config).save_pretrained(tmp_path / "shallow")
-    shutil.copy(generator / "tokenizer.json", tmp_path / "shallow" / "tokenizer.json")
+    save_source(transformers.ElectraForMaskedLM(config), generator / "tokenizer.json", tmp_path / "shallow")
     with pytest.raises(UserError, match=r"is not a generator of the discriminator: num_layers 1 \(a generator of "
                                         r"this discriminator: 2\)"):
         PretrainingModule(objectives=[ReplacedTokenDetection()], init_from=str(discriminator),
@@ -293,8 +292,7 @@ def test_an_electra_generator_that_does_not_fit_is_refused_or_said(workdir, tmp_
     model = transformers.ElectraForMaskedLM.from_pretrained(generator)
     with torch.no_grad():
         model.electra.embeddings.LayerNorm.weight.add_(1.0)
-    model.save_pretrained(tmp_path / "other")
-    shutil.copy(generator / "tokenizer.json", tmp_path / "other" / "tokenizer.json")
+    save_source(model, generator / "tokenizer.json", tmp_path / "other")
     module = PretrainingModule(objectives=[ReplacedTokenDetection()], init_from=str(discriminator),
                                init_generator_from=str(tmp_path / "other"), tokenizer=str(discriminator))
     assert "not used: the generator source's own embeddings.norm.weight" in "\n".join(module.init_report)
