@@ -3,7 +3,8 @@ compute budget (wall-clock on one machine); then the same fine-tuning on a low-r
 labelled reviews) and a high-resource one (SST-2 with 5,000 sentences), three seeds each, against two from-scratch
 baselines.
 
-    python benchmarks/objectives_compared.py                      # the full comparison (about 2 h 30 min on 2 cores)
+    python benchmarks/objectives_compared.py                      # the full comparison (hours on 2 cores)
+    python benchmarks/objectives_compared.py --tasks imdb_1k      # IMDB only
     python benchmarks/objectives_compared.py --budget-minutes 3   # shorter pretraining per arm
     python benchmarks/objectives_compared.py --smoke --out runs/smoke   # minutes: tiny sizes, a few hundred rows
 
@@ -14,10 +15,12 @@ into a number of steps per arm: a short calibration run measures the arm's secon
 trains budget / that many steps, so its schedule (warm-up over `--warmup-ratio` of the steps, then linear decay to
 0, as the papers' schedules) ends where its budget does. Every arm clips gradients at 1.0. Every arm's speed
 is calibrated first (keep the machine quiet for those few minutes: the step budgets come from them; later load only
-makes the runs take longer), then every arm is pretrained, then fine-tuned; the dev set is scored after the last
-epoch only (the model reported is the last epoch's), and the training set too (does the model fit its own 1,000
-reviews?). Everything is cached in OUT: a run that is stopped and started again reuses every finished calibration,
-arm and fine-tuning (seed by seed: every arm is fine-tuned with the first seed before any with the next). Needs
+makes the runs take longer), then every arm is pretrained, then fine-tuned: each arm's fine-tuning learning rate
+is first chosen on its own training set (80 % fitted, 20 % scored; its family's rate or a tenth of it), then every
+seed runs at that rate; the dev set (IMDB: 2,000 test reviews) is scored after the last epoch only (the model
+reported is the last epoch's), and the training set too (does the model fit its own 1,000 reviews?). Everything
+is cached in OUT: a run that is stopped and started again reuses every finished calibration, arm and fine-tuning
+(seed by seed: every arm is fine-tuned with the first seed before any with the next). Needs
 ../shared/data (IMDB, GLUE). Writes OUT/objectives_compared.json (and, for the full run,
 benchmarks/results/objectives_compared.json), a PNG chart, and prints the table.
 """
@@ -42,6 +45,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's pretrain, whatever another inst
 DATA = ROOT / ".." / "shared" / "data"
 ARMS = ("bert", "roberta", "electra", "albert", "gpt")
 SCRATCH = {"scratch_encoder": "roberta", "scratch_decoder": "gpt"}  # baseline -> the arm whose architecture it takes
+TASK_NAMES = {"imdb_1k": "IMDB-1k", "sst2_5k": "SST-2-5k"}
 SCRATCH_EPOCHS = 1  # the baselines fine-tune this many times the arms' epochs
 
 
@@ -215,46 +219,78 @@ FINE_TUNING = {"encoder": {"pooling": "mean", "learning_rate": 1e-3},
 
 
 def fine_tune(arm: str, checkpoint: Path, task: str, files: tuple[Path, Path, int], seed: int, out: Path,
-              epochs: int, from_scratch: bool, learning_rate: float | None = None) -> dict:
-    """One seed (cached): dev accuracy after the last epoch, and the training set's accuracy with the same model
-    (`learning_rate`: another than the family's)."""
+              epochs: int, from_scratch: bool, learning_rate: float | None = None, name: str | None = None,
+              score_train: bool = True) -> dict:
+    """One seed (cached by `name`, the task's by default, and rate): dev accuracy after the last epoch, and the training
+    set's accuracy with the same model (`learning_rate`: another than the family's)."""
     from pretrain.downstream.finetune import Settings, finetune
     from pretrain.downstream.tasks import Task
 
-    results_path = out / "finetune" / arm / task / f"seed-{seed}" / "results.json"
+    family = family_settings(arm) | ({"learning_rate": learning_rate} if learning_rate else {})
+    results_path = (out / "finetune" / arm / (name or task) / f"lr-{family['learning_rate']:g}" / f"seed-{seed}"
+                    / "results.json")
     if results_path.is_file():
         results = json.loads(results_path.read_text())
     else:
         train, dev, length = files
-        family = FINE_TUNING["decoder" if arm in ("gpt", "scratch_decoder") else "encoder"]
-        family = family | ({"learning_rate": learning_rate} if learning_rate else {})
         settings = Settings(epochs=epochs, batch_size=32, max_length=length, from_scratch=from_scratch,
-                            last_epoch_only=True, score_train=True, **family)
+                            last_epoch_only=True, score_train=score_train, **family)
         results = finetune(checkpoint, Task(task, text="text", label="label", labels=("0", "1")), train, dev,
                            results_path.parent, [seed], settings)
     run = results["runs"][0]
     # the last epoch's accuracy, not the best epoch's: choosing an epoch on the scored set would flatter every arm
-    return {"dev": run["history"][-1]["accuracy"], "train": run["train"]["accuracy"],
-            "epochs": results["settings"]["epochs"]}
+    return {"dev": run["history"][-1]["accuracy"], "train": run.get("train", {}).get("accuracy"),
+            "epochs": results["settings"]["epochs"], "learning_rate": results["settings"]["learning_rate"]}
+
+
+def family_settings(arm: str) -> dict:
+    return FINE_TUNING["decoder" if arm in ("gpt", "scratch_decoder") else "encoder"]
+
+
+def choose_learning_rate(arm: str, checkpoint: Path, task: str, files: tuple[Path, Path, int], out: Path,
+                         epochs: int, from_scratch: bool, held_out: float = 0.2) -> dict:
+    """The arm's fine-tuning learning rate, chosen on its own training set: fine-tuned (seed 0) on the first 80 %
+    of it at the family's rate and at a tenth of it, scored on the last 20 %; the better one (a tie: the family's).
+    The reported dev set is never looked at. -> {"chosen": rate, "held_out": {rate: accuracy}}"""
+    train, _, length = files
+    rows = train.read_text().splitlines(keepends=True)  # already shuffled (prepare_tasks)
+    cut = int(len(rows) * (1 - held_out))
+    selection = out / "selection"
+    selection.mkdir(exist_ok=True)
+    fit, scored = selection / f"{task}_fit.jsonl", selection / f"{task}_held_out.jsonl"
+    for path, part in ((fit, rows[:cut]), (scored, rows[cut:])):
+        if not path.is_file() or path.read_text() != "".join(part):
+            path.write_text("".join(part))
+    family = family_settings(arm)["learning_rate"]
+    scores = {rate: fine_tune(arm, checkpoint, task, (fit, scored, length), 0, out, epochs, from_scratch, rate,
+                              name=f"{task}-select", score_train=False)["dev"]
+              for rate in (family, family / 10)}
+    best = max(scores.values())
+    chosen = family if scores[family] == best else family / 10
+    print(f"{arm} {task}: held-out accuracy {', '.join(f'{s:.2f} at {r:g}' for r, s in scores.items())}; "
+          f"fine-tuned at {chosen:g}", flush=True)
+    return {"chosen": chosen, "held_out": {f"{rate:g}": score for rate, score in scores.items()}}
 
 
 def over_seeds(runs: list[dict]) -> dict:
     """The seeds' dev accuracies as median [min, max], the training set's beside them."""
-    return spread([r["dev"] for r in runs]) | {"epochs": runs[0]["epochs"], "train": spread([r["train"] for r in runs])}
+    return spread([r["dev"] for r in runs]) | {"epochs": runs[0]["epochs"], "learning_rate": runs[0]["learning_rate"],
+                                               "train": spread([r["train"] for r in runs])}
 
 
 def table(results: dict) -> str:
     """Per arm: pretraining (steps, tokens, TFLOP, seconds, final loss) and each task's dev accuracy (median [min,
     max] over seeds) with the training set's median beside it; then ELECTRA's discriminator against its base rate."""
-    lines = [f"{'arm':<16}{'steps':>6}{'tokens':>10}{'TFLOP':>6}{'seconds':>8}{'loss':>7}   "
-             f"{'IMDB-1k dev med [min, max]':<27}{'train':>6}   {'SST-2-5k dev med [min, max]':<27}{'train':>6}"]
+    tasks = [task for task in TASK_NAMES if task in next(iter(results["arms"].values()))]
+    lines = [f"{'arm':<16}{'steps':>6}{'tokens':>10}{'TFLOP':>6}{'seconds':>8}{'loss':>7}" + "".join(
+        f"   {TASK_NAMES[task] + ' dev med [min, max]':<27}{'train':>6}{'lr':>7}" for task in tasks)]
     for arm, entry in results["arms"].items():
         p = entry.get("pretrain", {})
-        cells = "   ".join(f"{e['median']:6.2f} [{e['min']:.2f}, {e['max']:.2f}]".ljust(27)
-                           + f"{e['train']['median']:6.2f}" for e in (entry["imdb_1k"], entry["sst2_5k"]))
+        cells = "".join(f"   {entry[t]['median']:6.2f} [{entry[t]['min']:.2f}, {entry[t]['max']:.2f}]".ljust(30)
+                        + f"{entry[t]['train']['median']:6.2f}{entry[t]['learning_rate']:7.0e}" for t in tasks)
         flops = f"{p['flops'] / 1e12:.0f}" if "flops" in p else "-"
         lines.append(f"{arm:<16}{p.get('steps', '-'):>6}{p.get('tokens', '-'):>10}{flops:>6}"
-                     f"{p.get('seconds') or '-':>8}{p.get('final_loss') or float('nan'):7.2f}   {cells}")
+                     f"{p.get('seconds') or '-':>8}{p.get('final_loss') or float('nan'):7.2f}{cells}")
     electra = results["arms"].get("electra", {}).get("pretrain", {})
     if "rtd_base_rate" in electra:
         final = electra["final"]
@@ -273,8 +309,9 @@ def chart(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     arms = list(results["arms"])
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
-    for axis, task in zip(axes, ("imdb_1k", "sst2_5k"), strict=True):
+    tasks = [task for task in TASK_NAMES if task in results["arms"][arms[0]]]
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), sharey=False, squeeze=False)
+    for axis, task in zip(axes[0], tasks, strict=True):
         medians = [results["arms"][a][task]["median"] for a in arms]
         low = [m - results["arms"][a][task]["min"] for a, m in zip(arms, medians, strict=True)]
         high = [results["arms"][a][task]["max"] - m for a, m in zip(arms, medians, strict=True)]
@@ -299,6 +336,8 @@ def main() -> None:
     parser.add_argument("--precision", help="pretraining's, e.g. bf16-mixed on a GPU (default: the trainer's, 32)")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and data: checks the script in minutes")
+    parser.add_argument("--tasks", nargs="+", choices=tuple(TASK_NAMES), default=tuple(TASK_NAMES),
+                        help="fine-tune on these tasks only")
     parser.add_argument("--arms", nargs="+", choices=(*ARMS, *SCRATCH), default=(*ARMS, *SCRATCH),
                         help="only these arms, in this order (to split a run; the JSON and table are written when "
                              "every arm is done)")
@@ -321,7 +360,8 @@ def main() -> None:
     from pretrain.data.tokenizer import load_tokenizer
 
     sizes |= dict(vocab_size=load_tokenizer(tokenizer).get_vocab_size(), max_position_embeddings=256)
-    tasks = prepare_tasks(out, 200 if smoke else 1000, 100 if smoke else 5000, 300 if smoke else 5000)
+    tasks = prepare_tasks(out, 200 if smoke else 1000, 100 if smoke else 2000, 300 if smoke else 5000)
+    tasks = {task: files for task, files in tasks.items() if task in args.tasks}
     seeds = [int(seed) for seed in args.seeds.split(",")]
     epochs = {"imdb_1k": 1 if smoke else 3, "sst2_5k": 1 if smoke else 3}
     scratch_epochs = {task: n * SCRATCH_EPOCHS for task, n in epochs.items()}
@@ -340,15 +380,23 @@ def main() -> None:
                                     warmup_ratio=args.warmup_ratio, precision=args.precision)
                   for arm in ARMS if arm in needed}
     runs = {(arm, task): [] for arm in args.arms for task in tasks}
+    chosen = {}  # every arm's fine-tuning rate per task, chosen on its own training set before any seed is scored
+    for arm in args.arms:
+        checkpoint = out / "pretrain" / SCRATCH.get(arm, arm) / "checkpoints" / "last.ckpt"
+        for task, files in tasks.items():
+            chosen[arm, task] = choose_learning_rate(arm, checkpoint, task, files, out,
+                                                     (scratch_epochs if arm in SCRATCH else epochs)[task],
+                                                     arm in SCRATCH)
     for seed in seeds:  # seed by seed: a run stopped part-way has every arm for the first seeds (each one cached)
         for arm in args.arms:
             checkpoint = out / "pretrain" / SCRATCH.get(arm, arm) / "checkpoints" / "last.ckpt"
             for task, files in tasks.items():
                 runs[arm, task].append(fine_tune(arm, checkpoint, task, files, seed, out,
-                                                 (scratch_epochs if arm in SCRATCH else epochs)[task], arm in SCRATCH))
+                                                 (scratch_epochs if arm in SCRATCH else epochs)[task], arm in SCRATCH,
+                                                 chosen[arm, task]["chosen"]))
     for arm in args.arms:
         results["arms"][arm] = ({} if arm in SCRATCH else {"pretrain": pretrained[arm]}) | {
-            task: over_seeds(runs[arm, task]) for task in tasks}
+            task: over_seeds(runs[arm, task]) | {"held_out": chosen[arm, task]["held_out"]} for task in tasks}
     if set(args.arms) != {*ARMS, *SCRATCH}:
         print(f"done: {', '.join(args.arms)}; run every arm (cached ones are read back) for the JSON and the table")
         return

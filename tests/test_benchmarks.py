@@ -56,8 +56,11 @@ def test_the_objectives_comparison_runs_end_to_end_on_a_tiny_budget(tmp_path):
     for arm, entry in results["arms"].items():
         assert set(entry) == ({"imdb_1k", "sst2_5k"} | (set() if arm.startswith("scratch") else {"pretrain"}))
         for task in ("imdb_1k", "sst2_5k"):
-            assert set(entry[task]) == {"median", "min", "max", "seeds", "epochs", "train"}
+            assert set(entry[task]) == {"median", "min", "max", "seeds", "epochs", "train", "learning_rate", "held_out"}
             assert 0 <= entry[task]["train"]["median"] <= 100  # the training set scored beside dev
+            # the rate fine-tuned at is the one that scored best on the held-out part of the training set
+            held_out = entry[task]["held_out"]
+            assert len(held_out) == 2 and held_out[f"{entry[task]['learning_rate']:g}"] == max(held_out.values())
         if "pretrain" in entry:  # a step budget from the calibrated speed, every step of it run
             assert entry["pretrain"]["steps"] == entry["pretrain"]["planned_steps"] >= 20
             assert entry["pretrain"]["tokens"] > 0 and entry["pretrain"]["seconds_per_step_calibrated"] > 0
