@@ -7,7 +7,9 @@
 # 3. the FSDP tests (pytest -m gpu -k fsdp: `--trainer.strategy fsdp` and `fsdp_sharded` train, resume exactly from
 #    their full / sharded checkpoints, load and export; FSDP follows the single-device run);
 # 4. `pretrain fit` of configs/bert-base.yaml (150 steps) and configs/gpt2-small.yaml (60) on WikiText-2, the product's
-#    own path (data loader, logging), and its logged train/tokens_per_sec and train/mfu (OUT_DIR/fit.json).
+#    own path (data loader, logging), and its logged train/tokens_per_sec and train/mfu (OUT_DIR/fit.json);
+# 5. benchmarks/long_context.py at T = 8,192: the tiny ModernBERT with dense masks vs block masks (peak GPU memory,
+#    seconds per step; OUT_DIR/long_context.log).
 # Each part has its own time limit; a part that fails or runs out of time does not stop the others.
 #
 # The machine lacks some packages and ../shared: prepare once, here (both folders are git-ignored):
@@ -27,20 +29,20 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 part() { echo "== $1 ($(date +%T))"; }
 
 part "CUDA tests"
-timeout 120 python3 -m pytest -q -m gpu -k "not fsdp" tests/test_gpu.py -p no:cacheprovider 2>&1 \
+timeout 110 python3 -m pytest -q -m gpu -k "not fsdp" tests/test_gpu.py -p no:cacheprovider 2>&1 \
   | tee "$OUT/pytest.log"
 
 part "throughput: ours vs Hugging Face"
-timeout 170 python3 benchmarks/throughput.py --mode gpu --steps 10 --warmup 5 --json "$OUT/throughput.json" 2>&1 \
+timeout 160 python3 benchmarks/throughput.py --mode gpu --steps 10 --warmup 5 --json "$OUT/throughput.json" 2>&1 \
   | tee "$OUT/throughput.log"
 
 part "FSDP tests"
-timeout 120 python3 -m pytest -q -m gpu -k fsdp tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/fsdp.log"
+timeout 110 python3 -m pytest -q -m gpu -k fsdp tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/fsdp.log"
 
 for recipe in bert-base gpt2-small; do
   steps=$([ "$recipe" = bert-base ] && echo 150 || echo 60)  # gpt2-small: 8 micro-batches of 16 x 1024 a step
   part "pretrain fit $recipe, $steps steps on WikiText-2"
-  timeout 85 python3 -m pretrain.cli fit -c "configs/$recipe.yaml" \
+  timeout 75 python3 -m pretrain.cli fit -c "configs/$recipe.yaml" \
     --data.files "[.data/wikitext-2/wiki.train.tokens]" --data.tokenizer ".data/tokenizers/$recipe/tokenizer.json" \
     --data.cache_dir /tmp/cache --trainer.default_root_dir "$OUT/$recipe" --trainer.max_steps "$steps" \
     --model.warmup_steps 15 --trainer.log_every_n_steps 10 --trainer.val_check_interval 1000 \
@@ -60,3 +62,7 @@ for recipe in ("bert-base", "gpt2-small"):
     print(f"pretrain fit {recipe}: {fit[recipe]}")
 json.dump(fit, open(f"{out}/fit.json", "w"), indent=2)
 PY
+
+part "long context: dense vs block masks at T = 8,192 (tiny ModernBERT)"
+timeout 50 python3 benchmarks/long_context.py --lengths 8192 --modes dense blocks --steps 6 \
+  --corpus .data/wikitext-2/wiki.train.tokens --out /tmp/long_context 2>&1 | tee "$OUT/long_context.log"

@@ -17,6 +17,7 @@ Activation = Literal["gelu", "gelu_tanh", "relu", "silu"]
 Norm = Literal["layernorm", "rmsnorm"]
 FeedForwardKind = Literal["mlp", "glu"]
 Sharing = Literal["none", "all", "attention", "ffn"]
+AttentionMasks = Literal["dense", "blocks"]
 Checkpointing = Literal["none", "blocks"]
 
 
@@ -71,6 +72,11 @@ class TransformerConfig:
     # gradients: dropout draws the same masks again). Not part of the weights: a resume may turn it on or off.
     activation_checkpointing: Checkpointing = "none"
     checkpoint_every: int = 1
+    # How attention masks are made: "dense" builds a boolean (T x T) mask (documents, padding, local windows; the
+    # reference); "blocks" builds nothing quadratic in T: each document attends in a row of its own and local layers
+    # in chunks against their window (models/block_attention.py; the same outputs at every real token). For long
+    # sequences. Not part of the weights: a resume may change it.
+    attention_masks: AttentionMasks = "dense"
 
     def __post_init__(self) -> None:
         for name, choices in (
@@ -82,6 +88,7 @@ class TransformerConfig:
             ("ffn", FeedForwardKind),
             ("norm", Norm),
             ("activation_checkpointing", Checkpointing),
+            ("attention_masks", AttentionMasks),
         ):
             value = getattr(self, name)
             if value not in get_args(choices):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from models.block_attention import Band, GroupedRows, local_attention, token_groups
 from models.config import TransformerConfig
 
 
@@ -158,8 +159,8 @@ class Attention(Sublayer):
         self.num_heads, self.num_kv_heads, self.head_size = config.num_heads, config.num_kv_heads, D
         self.attention_dropout = config.attention_dropout
 
-    def branch(self, x: Tensor, mask: Tensor | None, is_causal: bool, rotary: tuple[Tensor, Tensor] | None,
-               cache: KVCache | None = None, position: int = 0) -> Tensor:
+    def branch(self, x: Tensor, mask: Tensor | GroupedRows | Band | None, is_causal: bool,
+               rotary: tuple[Tensor, Tensor] | None, cache: KVCache | None = None, position: int = 0) -> Tensor:
         B, T, H = x.shape
         q, k, v = self.qkv(x).split(self.sizes, dim=-1)
         q = q.view(B, T, self.num_heads, self.head_size).transpose(1, 2)  # (B, N, T, D)
@@ -168,11 +169,14 @@ class Attention(Sublayer):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k, v = cache.extend(position, k, v)  # (B, N, T_cached + T, D)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # (B, N, T, D)
+        dropout, gqa = self.attention_dropout if self.training else 0.0, self.num_kv_heads != self.num_heads
+        if isinstance(mask, GroupedRows):  # attention_masks: blocks (models/block_attention.py)
+            y = mask.attend(q, k, v, is_causal, dropout, gqa)
+        elif isinstance(mask, Band):
+            y = local_attention(q, k, v, mask.groups, mask.window, mask.causal, dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
+                                               enable_gqa=gqa)  # (B, N, T, D)
         return self.out(y.transpose(1, 2).reshape(B, T, H))
 
 
@@ -289,12 +293,18 @@ class Transformer(nn.Module):
             raise ValueError("a KV cache is for causal models without document_ids")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        mask, is_causal = attention_mask_for(attention_mask, document_ids, self.config.causal, T, past + T,
-                                             input_ids.device)
-        local = None
-        if any(self.config.is_local(layer) for layer in range(len(self.layer_order))):
-            local = local_mask(mask, is_causal, self.config.local_attention_window, self.config.causal, T, past + T,
-                               input_ids.device)
+        any_local = any(self.config.is_local(layer) for layer in range(len(self.layer_order)))
+        if self.config.attention_masks == "blocks" and cache is None:  # nothing (T x T): models/block_attention.py
+            groups = token_groups(attention_mask, document_ids, B, T, input_ids.device)
+            mask, is_causal = (None if groups is None else GroupedRows(groups)), self.config.causal
+            local = Band(groups, self.config.local_attention_window, self.config.causal) if any_local else None
+        else:
+            mask, is_causal = attention_mask_for(attention_mask, document_ids, self.config.causal, T, past + T,
+                                                 input_ids.device)
+            local = None
+            if any_local:
+                local = local_mask(mask, is_causal, self.config.local_attention_window, self.config.causal, T,
+                                   past + T, input_ids.device)
         rotary = local_rotary = None
         if self.config.position_embedding == "rotary":
             rotary = local_rotary = rotary_angles(position_ids, self.config.head_size, self.config.rotary_base)
@@ -312,7 +322,7 @@ class Transformer(nn.Module):
                 x = self.layer(position, x, layer_mask, layer_causal, layer_rotary, cache)
         return self.final_norm(x)
 
-    def layer(self, position: int, x: Tensor, mask: Tensor | None, is_causal: bool,
+    def layer(self, position: int, x: Tensor, mask: Tensor | GroupedRows | Band | None, is_causal: bool,
               rotary: tuple[Tensor, Tensor] | None, cache: KVCache | None = None) -> Tensor:
         """The `position`-th layer of the run order: attention, then feed-forward (shared ones as they are shared)."""
         attention_index, ffn_index = self.layer_order[position]

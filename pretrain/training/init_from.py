@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from pretrain.downstream.pretrained import Pretrained
 
 # Fields a run may set otherwise than its source: they change training, not the weights' meaning.
-TRAINING_FIELDS = ("dropout", "attention_dropout", "activation_checkpointing", "checkpoint_every")
+TRAINING_FIELDS = ("dropout", "attention_dropout", "activation_checkpointing", "checkpoint_every", "attention_masks")
 
 
 def load_source(path: str | Path | None, option: str = "model.init_from") -> Pretrained:

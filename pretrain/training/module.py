@@ -30,8 +30,8 @@ from pretrain.training.preflight import length_problem
 
 # Settings a resumed run may change (applied to the restored optimizer and schedule, and said); the architecture,
 # the objectives, the optimizer's kind and the tokenizer may not.
-COMPUTE_FIELDS = ("activation_checkpointing", "checkpoint_every")  # how the backbone computes, not what: a resume
-# may change them
+# how the backbone computes, not what: a resume may change them
+COMPUTE_FIELDS = ("activation_checkpointing", "checkpoint_every", "attention_masks")
 OPTIMIZER_SETTINGS = ("learning_rate", "weight_decay", "betas", "eps", "schedule", "warmup_steps", "warmup_ratio",
                       "total_steps")
 
