@@ -31,13 +31,14 @@ def token_groups(attention_mask: Tensor | None, document_ids: Tensor | None, bat
     row; padding tokens form one group per row of their own). None: one group per row, no padding."""
     if attention_mask is None and document_ids is None:
         return None
-    groups = torch.zeros(batch, length, dtype=torch.long, device=device) if document_ids is None \
-        else document_ids.long() - document_ids.long().min() + 1  # >= 1
+    if document_ids is None:
+        groups = torch.ones(batch, length, dtype=torch.long, device=device)
+    else:  # >= 1 in each row (no host sync: the row's smallest id, not the batch's largest, is read)
+        ids = document_ids.long()
+        groups = ids - ids.min(dim=1, keepdim=True).values + 1
     if attention_mask is not None:
-        groups = groups.masked_fill(attention_mask == 0, 0)  # padding: group 0 (any real one is >= 0 here)
-        if document_ids is None:
-            groups = groups + (attention_mask != 0).long()  # real tokens: group 1
-    return groups + torch.arange(batch, device=device)[:, None] * (int(groups.max()) + 1)  # distinct per row
+        groups = groups.masked_fill(attention_mask == 0, 0)  # padding: group 0 of its row
+    return groups + torch.arange(batch, device=device)[:, None] * 2**40  # distinct per row (ids span < 2^40)
 
 
 class GroupedRows:

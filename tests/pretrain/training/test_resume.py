@@ -111,6 +111,21 @@ def test_activation_checkpointing_turned_on_at_a_resume_changes_nothing_but_memo
     assert [name for name in straight if not torch.equal(straight[name], resumed[name])] == []
 
 
+def test_block_masks_turned_on_at_a_resume_go_on_with_the_same_training(tmp_path):
+    """The tiny ModernBERT (packed documents, local layers; attention dropout off: another kernel draws other
+    masks) stopped at step 4 and resumed with --model.backbone.attention_masks blocks: accepted, and the run ends
+    where the dense run ends, to rounding."""
+    off = ("--model.backbone.attention_dropout", "0.0")
+    fit("modernbert.yaml", tmp_path / "straight", tmp_path, 8, *off)
+    fit("modernbert.yaml", tmp_path / "resumed", tmp_path, 4, *off)
+    fit("modernbert.yaml", tmp_path / "resumed", tmp_path, 8, *off, "--ckpt_path", "last",
+        "--model.backbone.attention_masks", "blocks")
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert not all(torch.equal(straight[name], resumed[name]) for name in straight)  # other kernels ran
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_two_phases_go_on_from_the_first_phase_with_new_data(tmp_path, capsys):
     """BERT's two phases, tiny: phase 1 at length 32 (steps 1-40 of a decay over 50), then the phase-2 overlay at 64
     from phase 1's last checkpoint in its own directory: the data starts from its beginning (said), and the step
