@@ -141,14 +141,23 @@ def test_fsdp_trains_resumes_exactly_and_its_checkpoints_load_and_export(strateg
     assert all(torch.equal(loaded[k], exported[k]) for k in loaded)
 
 
-def test_fsdp_on_one_gpu_follows_the_single_device_run(tmp_path):
+LONG = ("--model.backbone.attention_dropout", "0.0")  # (another attention kernel draws other dropout masks)
+
+
+@pytest.mark.parametrize(("recipe", "single_extra", "fsdp_extra"), [
+    ("gpt2.yaml", (), ()),
+    # the long-context settings under FSDP: activation checkpointing inside each wrapped block, block masks
+    ("modernbert.yaml", LONG, (*LONG, "--model.backbone.activation_checkpointing", "blocks",
+                               "--model.backbone.attention_masks", "blocks")),
+], ids=["gpt2", "modernbert-long-settings"])
+def test_fsdp_on_one_gpu_follows_the_single_device_run(recipe, single_extra, fsdp_extra, tmp_path):
     """The same recipe without FSDP and with it (one unit per block) logs the same losses: sharding changes where the
-    weights live, not the arithmetic (to float tolerance)."""
+    weights live, not the arithmetic (to float tolerance); so do checkpointing and block masks under it."""
     from tests.pretrain.training.test_resume import fit, logged
 
     gpu = ("--trainer.accelerator", "gpu", "--trainer.devices", "1")
-    fit("gpt2.yaml", tmp_path / "single", tmp_path, 8, *gpu)
-    fit("gpt2.yaml", tmp_path / "fsdp", tmp_path, 8, *gpu, "--trainer.strategy", "fsdp_sharded")
+    fit(recipe, tmp_path / "single", tmp_path, 8, *gpu, *single_extra)
+    fit(recipe, tmp_path / "fsdp", tmp_path, 8, *gpu, "--trainer.strategy", "fsdp_sharded", *fsdp_extra)
     single, sharded = logged(tmp_path / "single", "train/loss"), logged(tmp_path / "fsdp", "train/loss")
     assert single.keys() == sharded.keys()
     assert all(float(single[k]) == pytest.approx(float(sharded[k]), rel=1e-3) for k in single)
