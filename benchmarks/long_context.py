@@ -14,7 +14,6 @@ Keep the machine quiet while it runs (the step times).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import resource
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 CORPUS = ROOT / ".." / "shared" / "data" / "wikitext-2" / "wiki.train.tokens"
 MODES = {"dense": ("dense", "none"), "blocks": ("blocks", "none"), "blocks+ckpt": ("blocks", "blocks")}
 
@@ -34,6 +34,7 @@ def run(mode: str, length: int, steps: int, out: Path, corpus: Path) -> dict:
     """One `pretrain fit` in this process: -> peak resident MiB (on a GPU: peak allocated GPU memory) and seconds
     per step."""
     import torch
+    from objectives_compared import logged  # a run's CSV log (its latest version)
 
     from pretrain.cli import main
 
@@ -51,7 +52,7 @@ def run(mode: str, length: int, steps: int, out: Path, corpus: Path) -> dict:
                  "--throughput.window", "1", "--model.warmup_steps", "1"])
     if code != 0:
         raise SystemExit(f"{mode} at {length} failed")
-    rows = list(csv.DictReader(next((root / "logs").glob("version_*/metrics.csv")).open()))
+    rows = logged(root)
     rates = [float(r["train/tokens_per_sec"]) for r in rows if r.get("train/tokens_per_sec")][2:]
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -19,6 +19,7 @@ Both give the dense path's outputs at every real (not padding) position (tests/m
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -84,11 +85,13 @@ class GroupedRows:
         return y.view(B, T, N, D).transpose(1, 2)
 
 
+@dataclass
 class Band:
     """A local layer's attention: a window of `window` tokens within each token's group (`token_groups`)."""
 
-    def __init__(self, groups: Tensor | None, window: int, causal: bool):
-        self.groups, self.window, self.causal = groups, window, causal
+    groups: Tensor | None
+    window: int
+    causal: bool
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, groups: Tensor | None, window: int, causal: bool,

@@ -392,9 +392,11 @@ def test_a_lock_held_too_long_is_one_line_naming_it(tmp_path):
     with FileLock(path):  # another holder (flock: another open file, as another process would be)
         with pytest.raises(UserError, match=f"waited 0 min for the lock {path}: another process holds it"):
             with file_lock(path, timeout=0.2):
-                pass
+                raise AssertionError("the lock was taken while another held it")
+    taken = False
     with file_lock(path, timeout=0.2):  # released: taken at once
-        pass
+        taken = True
+    assert taken
 
 
 @pytest.mark.parametrize("layout", ["stream", "pairs"])
