@@ -60,6 +60,35 @@ def run(mode: str, length: int, steps: int, out: Path, corpus: Path) -> dict:
             "seconds_per_step": 2 * length / statistics.median(rates), "steps": len(rates)}
 
 
+def step_memory(mode: str, length: int, out: Path) -> dict:
+    """The training step's own memory, in this process: the recipe's module built (its tokenizer from the fit
+    runs), then one forward, backward and AdamW step on a batch of 2 x `length` tokens in documents of 1,500; ->
+    the peak resident MiB above the built model's (the process itself, PyTorch and the weights, left out)."""
+    import torch
+    import yaml
+
+    import objectives
+    from models import TransformerConfig
+    from pretrain.training.module import PretrainingModule
+
+    masks, checkpointing = MODES[mode]
+    model = yaml.safe_load((ROOT / "configs" / "tiny" / "modernbert-long.yaml").read_text())["model"]
+    config = TransformerConfig(**(model["backbone"] | {"attention_masks": masks,
+                                                       "activation_checkpointing": checkpointing}))
+    parts = [getattr(objectives, entry["class_path"].split(".")[-1])(**entry.get("init_args", {}))
+             for entry in model["objectives"]]
+    module = PretrainingModule(config, parts, tokenizer=str(out / "tokenizer.json")).train()
+    optimizer = torch.optim.AdamW(module.parameters())
+    generator = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(5, config.vocab_size, (2, length), generator=generator),
+             "document_ids": torch.arange(2 * length).view(2, length) // 1500}
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loss, _ = module(batch, generator)
+    loss.backward()
+    optimizer.step()
+    return {"step_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
@@ -68,29 +97,43 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)  # (the child process: mode, length)
+    parser.add_argument("--measure-step", nargs=2, help=argparse.SUPPRESS)  # (the same, the bare step)
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="long_context_"))
     if args.measure:
         print("RESULT " + json.dumps(run(args.measure[0], int(args.measure[1]), args.steps, out,
                                                   args.corpus)))
         return
-    print(f"{'T':>6}{'mode':>13}{'peak MiB':>10}{'s/step':>8}{'vs dense':>10}   (peak: resident memory; on a GPU, "
-          "the GPU's allocated memory)")
+    if args.measure_step:
+        print("RESULT " + json.dumps(step_memory(args.measure_step[0], int(args.measure_step[1]), out)))
+        return
+    print(f"{'T':>6}{'mode':>13}{'peak MiB':>10}{'vs dense':>10}{'step MiB':>10}{'vs dense':>10}{'s/step':>8}\n"
+          "(peak: the fit's whole process, resident; on a GPU, the GPU's allocated memory. step: one bare training "
+          "step's own, above the built model, CPU only)")
     results = {}
     for length in args.lengths:
         for mode in args.modes:
-            child = subprocess.run([sys.executable, __file__, "--measure", mode, str(length), "--steps",
-                                    str(args.steps), "--out", str(out), "--corpus", str(args.corpus)],
-                                   capture_output=True, text=True)
-            lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
-            if child.returncode != 0 or not lines:
-                print(f"{length:>6}{mode:>13}  failed: {child.stderr.strip().splitlines()[-1:]}", flush=True)
+            result = {}
+            for option in ("--measure", "--measure-step"):
+                if option == "--measure-step" and result.get("device", "cpu") != "cpu":
+                    continue  # (resident memory says nothing of a GPU's)
+                child = subprocess.run([sys.executable, __file__, option, mode, str(length), "--steps",
+                                        str(args.steps), "--out", str(out), "--corpus", str(args.corpus)],
+                                       capture_output=True, text=True)
+                lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+                if child.returncode != 0 or not lines:
+                    print(f"{length:>6}{mode:>13}  {option} failed: {child.stderr.strip().splitlines()[-1:]}")
+                    break
+                result |= json.loads(lines[-1].removeprefix("RESULT "))
+            if "seconds_per_step" not in result:
                 continue
-            result = results[length, mode] = json.loads(lines[-1].removeprefix("RESULT "))
-            dense = results.get((length, "dense"))
-            ratio = f"{result['peak_mib'] / dense['peak_mib']:.2f}x" if dense else "-"
-            print(f"{length:>6}{mode:>13}{result['peak_mib']:>10.0f}{result['seconds_per_step']:>8.2f}{ratio:>10}",
-                  flush=True)
+            results[length, mode] = result
+            dense = results.get((length, "dense"), {})
+            cells = ""
+            for key in ("peak_mib", "step_mib"):
+                ratio = f"{result[key] / dense[key]:.2f}x" if key in result and key in dense else "-"
+                cells += (f"{result[key]:>10.0f}" if key in result else f"{'-':>10}") + f"{ratio:>10}"
+            print(f"{length:>6}{mode:>13}{cells}{result['seconds_per_step']:>8.2f}", flush=True)
 
 
 if __name__ == "__main__":
